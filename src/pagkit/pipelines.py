@@ -1,0 +1,103 @@
+"""pagkit inside an unmodified diffusers pipeline, by wrapping its denoiser's forward.
+
+    with pagkit.attach(pipe, pagkit.PAG(3.0, layers="mid")):
+        image = pipe(prompt, guidance_scale=7.5).images[0]
+
+The pipeline keeps doing its own CFG. For its conditional half the wrapper
+returns ε_c' = ε_c + Δ/w (Δ = the PAG/SEG/SAG terms), so the pipeline's
+ε_u + w(ε_c' − ε_u) is exactly ε_u + w(ε_c − ε_u) + Δ. Without CFG it returns
+ε_c + Δ. All branches still run in one batched forward. On exit, also after an
+exception, the denoiser's forward and processors are as before.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+from .denoise import GuidedDenoiser
+from .guidance import CFG, check_guidance
+
+
+def _halves(value, batch: int, half: int):
+    """(uncond, cond) halves of a CFG-batched input, inside dicts and sequences too."""
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return value[:half], value[half:]
+    if isinstance(value, dict):
+        pairs = {k: _halves(v, batch, half) for k, v in value.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if isinstance(value, (list, tuple)):
+        pairs = [_halves(v, batch, half) for v in value]
+        return type(value)(p[0] for p in pairs), type(value)(p[1] for p in pairs)
+    return value, value
+
+
+def _pipeline_cfg_scale(pipe) -> float | None:
+    """The CFG scale the pipeline is applying right now, or None."""
+    try:
+        doing_cfg = bool(pipe.do_classifier_free_guidance)
+    except AttributeError:
+        return None
+    return float(pipe.guidance_scale) if doing_cfg else None
+
+
+def _progress(pipe, timestep) -> float:
+    t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+    timesteps = getattr(pipe.scheduler, "timesteps", None)
+    if timesteps is not None and len(timesteps):
+        hits = (timesteps.float() - t).abs().argmin()
+        if float((timesteps[hits].float() - t).abs()) < 1e-4:
+            return int(hits) / len(timesteps)
+    return 1.0 - t / pipe.scheduler.config.get("num_train_timesteps", 1000)
+
+
+@contextmanager
+def attach(pipe, *guidance, guidance_rescale: float = 0.0):
+    """Apply PAG/SEG/SAG terms inside ``pipe`` (a diffusers pipeline with a ``unet`` or ``transformer``).
+
+    CFG stays the pipeline's own (its ``guidance_scale``); passing ``pagkit.CFG`` here is an error.
+    ``guidance_rescale`` is also the pipeline's own argument where it has one.
+    """
+    terms = check_guidance(guidance)
+    if any(isinstance(t, CFG) for t in terms):
+        raise ValueError("the pipeline applies CFG itself: set its guidance_scale and pass only PAG, SEG or SAG "
+                         "to pagkit.attach")
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    model = getattr(pipe, name, None)
+    if model is None:
+        raise ValueError(f"{type(pipe).__name__} has no unet or transformer to guide")
+    had_own_forward = "forward" in vars(model)  # e.g. accelerate's offload hooks
+    original_forward = model.forward
+    signature = inspect.signature(original_forward)
+    needs_scheduler = any(type(t).__name__ == "SAG" for t in terms)
+    denoiser = GuidedDenoiser(model, terms, scheduler=pipe.scheduler if needs_scheduler else None,
+                              guidance_rescale=guidance_rescale, forward=original_forward)
+
+    def guided_forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        inputs = dict(bound.arguments)
+        inputs.update(inputs.pop("kwargs", {}) or {})
+        return_dict = inputs.pop("return_dict", True)
+        first = next(iter(signature.parameters))  # "sample" (UNets) or "hidden_states" (transformers)
+        x, t = inputs.pop(first), inputs.pop("timestep")
+        progress = _progress(pipe, t)
+        w = _pipeline_cfg_scale(pipe)
+        if w is not None and x.shape[0] % 2 == 0:
+            half = x.shape[0] // 2
+            uncond, cond = _halves(inputs, x.shape[0], half)
+            t_cond = _halves(t, x.shape[0], half)[1]
+            out = denoiser.predict(x[half:], t_cond, cond, uncond, progress, external_cfg=w)
+        else:
+            out = denoiser.predict(x, t, inputs, None, progress)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    model.forward = guided_forward
+    try:
+        yield pipe
+    finally:
+        if had_own_forward:
+            model.forward = original_forward
+        else:
+            del model.forward

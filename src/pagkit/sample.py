@@ -1,0 +1,83 @@
+"""The sampling loop over any diffusers scheduler.
+
+    x_T ~ N(0, σ_init²)
+    for i, t in enumerate(timesteps):
+        ε̃ = guided prediction at x_t (one batched forward, see denoise.py)
+        x_{t-1} = scheduler.step(ε̃, t, x_t)
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from .denoise import GuidedDenoiser
+
+
+def sample_shape(model, batch_size: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+    config = model.config
+    size = config.get("sample_size")
+    if isinstance(size, int):
+        size = (size, size)
+    if height is None or width is None:
+        if size is None:
+            raise ValueError("the model's config has no sample_size; pass height= and width=")
+        height, width = height or size[0], width or size[1]
+    channels = config.get("in_channels")
+    return (batch_size, channels, height, width)
+
+
+@torch.no_grad()
+def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 50, guidance=(),
+           generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+           class_labels: torch.Tensor | None = None, null_class_label: int | None = None,
+           encoder_hidden_states: torch.Tensor | None = None,
+           negative_encoder_hidden_states: torch.Tensor | None = None,
+           cond: dict | None = None, uncond: dict | None = None,
+           height: int | None = None, width: int | None = None, eta: float = 0.0,
+           guidance_rescale: float = 0.0, progress_bar: bool = True, callback=None) -> torch.Tensor:
+    """Draw samples with ``guidance`` (a list of pagkit.CFG/PAG/SEG/SAG terms); returns the final x_0 (model space).
+
+    Conditions: ``class_labels`` (with ``null_class_label`` for CFG's ∅), or
+    ``encoder_hidden_states`` (with ``negative_encoder_hidden_states``), or any
+    model inputs as ``cond``/``uncond`` dicts. ``eta`` and ``generator`` go to the
+    scheduler's step where it takes them (DDIM's η, DDPM's noise).
+    ``callback(i, t, x)`` is called after each step.
+    """
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    denoiser = GuidedDenoiser(model, guidance, scheduler=scheduler, guidance_rescale=guidance_rescale)
+    param = next(model.parameters())
+    cond = dict(cond or {})
+    uncond = None if uncond is None else dict(uncond)
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels, device=param.device).long().expand(batch_size).clone()
+        cond["class_labels"] = class_labels
+        if null_class_label is not None:
+            uncond = {**(uncond or {}), "class_labels": torch.full_like(class_labels, null_class_label)}
+    if encoder_hidden_states is not None:
+        cond["encoder_hidden_states"] = encoder_hidden_states
+        if negative_encoder_hidden_states is not None:
+            uncond = {**(uncond or {}), "encoder_hidden_states": negative_encoder_hidden_states}
+    if uncond is not None:
+        uncond = {**cond, **uncond}
+
+    if latents is None:
+        shape = sample_shape(model, batch_size, height, width)
+        latents = randn_tensor(shape, generator=generator, device=param.device, dtype=param.dtype)
+    x = latents * scheduler.init_noise_sigma
+    scheduler.set_timesteps(num_inference_steps, device=param.device)
+    step_params = set(inspect.signature(scheduler.step).parameters)
+    step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress_bar, leave=False)):
+        x_in = scheduler.scale_model_input(x, t)
+        prediction = denoiser.predict(x_in, t, cond, uncond, progress=i / len(timesteps))
+        x = scheduler.step(prediction, t, x, **step_kwargs, return_dict=False)[0]
+        if callback is not None:
+            callback(i, t, x)
+    return x

@@ -1,0 +1,72 @@
+"""Tiny random-weight diffusers models built from configs (no hub, CPU, seconds)."""
+from __future__ import annotations
+
+import torch
+from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DiTTransformer2DModel,
+                       PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel)
+
+
+def unet2d(seed=0, num_class_embeds=None, **overrides) -> UNet2DModel:
+    torch.manual_seed(seed)
+    config = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32),
+                  layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                  num_class_embeds=num_class_embeds)
+    config.update(overrides)
+    return UNet2DModel(**config).eval()
+
+
+def sd_unet(seed=0, **overrides) -> UNet2DConditionModel:
+    """SD1.5-shaped UNet2DConditionModel, tiny."""
+    torch.manual_seed(seed)
+    config = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                  layers_per_block=1, norm_num_groups=8, cross_attention_dim=24, attention_head_dim=4,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def sdxl_unet(seed=0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, cross_attention_dim=24, attention_head_dim=(2, 4), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 24).eval()
+
+
+def vae(seed=0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8).eval()
+
+
+def controlnet(unet: UNet2DConditionModel, seed=1) -> ControlNetModel:
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    for p in net.parameters():  # from_unet zero-initialises the output convs; make them matter
+        torch.nn.init.normal_(p, std=0.02)
+    return net.eval()
+
+
+def dit(seed=0) -> DiTTransformer2DModel:
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                 num_layers=12, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                 norm_num_groups=8).eval()
+
+
+def pixart(seed=0) -> PixArtTransformer2DModel:
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                    num_layers=3, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                    caption_channels=24, norm_num_groups=8).eval()
+
+
+def ddim(**kw) -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)
