@@ -1,0 +1,208 @@
+"""The ``pagkit`` command: ``layers``, ``sample``, ``train``.
+
+Errors a user can fix (a bad path, an unknown layer, a bad number) end in one
+line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import guidance as G
+from .layers import aliases, layers
+from .load import SCHEDULERS, load_model, load_scheduler, shipped_models
+
+DEFAULT_UNCOND, DEFAULT_COND = "fmnist", "fmnist-cond"
+NULL_CLASS = 10
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError("expected a number, got nan")
+    return value
+
+
+def _layer_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def cmd_layers(args) -> None:
+    model = load_model(args.model)
+    infos = layers(model)
+    print(f"{type(model).__name__}: {len(infos)} self-attention layers")
+    for info in infos:
+        grid = f"{info.grid[0]}x{info.grid[1]}" if info.grid else "?"
+        print(f"  {info.name:<60} tokens {grid:>7}  heads {info.heads}")
+    print("aliases:")
+    for alias, names in aliases(model).items():
+        print(f"  {alias:<12} {len(names)} layer{'s' if len(names) != 1 else ''}")
+
+
+def _random_demo_model():
+    from .train import unet_config
+    from diffusers import DDIMScheduler, UNet2DModel
+    torch.manual_seed(0)
+    return UNet2DModel(**unet_config(conditional=False)).eval(), DDIMScheduler()
+
+
+def _configurations(args, conditional: bool) -> list[tuple[str, list]]:
+    pag = G.PAG(args.pag_scale, layers=args.pag_layers)
+    if conditional:
+        return [("no guidance", []), (f"CFG w={args.cfg_scale:g}", [G.CFG(args.cfg_scale)]),
+                (f"CFG w={args.cfg_scale:g}\n+ PAG s={args.pag_scale:g}", [G.CFG(args.cfg_scale), pag])]
+    sigma = "inf" if math.isinf(args.seg_sigma) else f"{args.seg_sigma:g}"
+    return [("no guidance", []),
+            (f"PAG s={args.pag_scale:g}\n{','.join(args.pag_layers)}", [pag]),
+            (f"SEG g={args.seg_scale:g} sigma={sigma}\n{','.join(args.seg_layers)}",
+             [G.SEG(args.seg_scale, sigma=args.seg_sigma, layers=args.seg_layers)]),
+            (f"SAG s={args.sag_scale:g}\n{args.sag_layer}", [G.SAG(args.sag_scale, layer=args.sag_layer)])]
+
+
+def cmd_sample(args) -> None:
+    from .report import labelled_grid
+    from .sample import sample
+    torch.set_num_threads(args.threads) if args.threads else None
+    jobs = []  # (title, model, scheduler, conditional)
+    if args.model:
+        model = load_model(args.model)
+        conditional = bool(model.config.get("num_class_embeds")) or args.class_label is not None
+        jobs.append((str(args.model), model, load_scheduler(args.model, args.scheduler), conditional))
+    else:
+        shipped = shipped_models()
+        if DEFAULT_UNCOND in shipped:
+            jobs.append((DEFAULT_UNCOND, load_model(DEFAULT_UNCOND), load_scheduler(DEFAULT_UNCOND, args.scheduler),
+                         False))
+        else:
+            model, scheduler = _random_demo_model()
+            print("note: no shipped model found; sampling from a RANDOMLY INITIALISED UNet (noise, not clothes)")
+            jobs.append(("RANDOM WEIGHTS", model, scheduler, False))
+        if DEFAULT_COND in shipped:
+            jobs.append((DEFAULT_COND, load_model(DEFAULT_COND), load_scheduler(DEFAULT_COND, args.scheduler), True))
+    if args.list_layers:
+        for title, model, _, _ in jobs:
+            print(f"[{title}]")
+            for info in layers(model):
+                print(f"  {info.name}  {info.grid}")
+        return
+
+    from .denoise import GuidedDenoiser
+    for title, model, scheduler, conditional in jobs:  # check every layer name before spending time sampling
+        for _, terms in _configurations(args, conditional):
+            GuidedDenoiser(model, terms, scheduler=scheduler)
+
+    rows = []
+    for title, model, scheduler, conditional in jobs:
+        in_channels, size = model.config.in_channels, model.config.sample_size
+        noise = torch.randn(args.num_images, in_channels, size, size,
+                            generator=torch.Generator().manual_seed(args.seed))
+        labels = None
+        if conditional:
+            labels = (torch.full((args.num_images,), args.class_label) if args.class_label is not None
+                      else torch.arange(args.num_images) % 10)
+        for name, terms in _configurations(args, conditional):
+            start = time.perf_counter()
+            images = sample(model, scheduler, batch_size=args.num_images, num_inference_steps=args.steps,
+                            guidance=terms, latents=noise, class_labels=labels,
+                            null_class_label=NULL_CLASS if conditional else None,
+                            generator=torch.Generator().manual_seed(args.seed), progress_bar=not args.quiet)
+            seconds = time.perf_counter() - start
+            print(f"{title:>14} | {name.replace(chr(10), ' '):<40} {seconds:6.2f} s  "
+                  f"({seconds / args.num_images:.3f} s/image)")
+            rows.append((f"{title}\n{name}", images))
+    path = labelled_grid(rows, args.out)
+    print(f"wrote {path} ({len(rows)} rows x {args.num_images} seeds, {args.steps} steps each)")
+
+
+def cmd_train(args) -> None:
+    from .train import TrainConfig, train
+    cfg = TrainConfig(out=args.out, conditional=args.conditional, size=args.size, max_steps=args.max_steps,
+                      time_budget_min=args.time_budget_min, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      threads=args.threads, checkpoint_every=args.checkpoint_every, data_dir=args.data)
+    final = train(cfg)
+    print(f"final EMA pipeline: {final}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2: no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pagkit", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("layers", help="list a model's self-attention layers, token grids and aliases")
+    p.add_argument("model", help="diffusers model or pipeline folder, or a shipped model name")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("sample", help="sample with and without guidance, same seeds, one labelled PNG grid")
+    p.add_argument("--model", help="diffusers UNet2DModel/UNet2DConditionModel folder (default: the shipped models)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help="sampler (default: the model's own scheduler config)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=_positive_int, default=8, help="seeds per row (default 8)")
+    p.add_argument("--cfg-scale", type=_finite, default=3.0, help="CFG w, diffusers' convention (1 = off)")
+    p.add_argument("--pag-scale", type=_finite, default=3.0, help="PAG s, the paper's convention (0 = off)")
+    p.add_argument("--pag-layers", type=_layer_list, default=["down.1.attentions.0"],
+                   help="comma-separated layer names/aliases (default: the first 16x16 encoder attention)")
+    p.add_argument("--seg-scale", type=_finite, default=3.0)
+    p.add_argument("--seg-sigma", type=_finite, default=float("inf"), help="query blur width (inf = mean query)")
+    p.add_argument("--seg-layers", type=_layer_list, default=["mid"])
+    p.add_argument("--sag-scale", type=_finite, default=0.75)
+    p.add_argument("--sag-layer", default="mid")
+    p.add_argument("--class-label", type=int, default=None, help="class for conditional models (default: 0..9)")
+    p.add_argument("--out", default="pagkit_samples.png", help="PNG grid to write")
+    p.add_argument("--list-layers", action="store_true", help="print the models' layers and exit")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="train a Fashion-MNIST UNet2DModel (resumes from OUT/checkpoint)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--conditional", action="store_true", help="class-conditional, with a null class for CFG")
+    p.add_argument("--size", choices=["small", "tiny"], default="small")
+    p.add_argument("--max-steps", type=_positive_int, default=6000)
+    p.add_argument("--time-budget-min", type=_finite, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_finite, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=250)
+    p.add_argument("--data", default=None, help="folder of the Fashion-MNIST idx .gz files")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError, RuntimeError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"pagkit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Load a diffusers denoiser (and its scheduler) from a folder, or a model pagkit ships, by name.
+
+A folder may be a diffusers pipeline (``model_index.json`` with ``unet/`` or
+``transformer/``) or a single model folder (``config.json`` + safetensors).
+Weights are read with safetensors only: a folder holding only pickled
+``.bin``/``.pt`` weights is refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+
+SHIPPED_DIR = Path(__file__).parent / "models"
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+    "heun": "HeunDiscreteScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler",
+}
+
+
+def shipped_models() -> dict[str, Path]:
+    if not SHIPPED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED_DIR.iterdir()) if (p / "model_index.json").is_file()}
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    shipped = shipped_models()
+    if isinstance(model, str) and model in shipped:
+        return shipped[model]
+    path = Path(model)
+    if not path.exists():
+        names = ", ".join(shipped) or "none yet"
+        raise FileNotFoundError(f"model {str(model)!r} not found: not a folder, and not a shipped model "
+                                f"(shipped: {names})")
+    if not path.is_dir():
+        raise NotADirectoryError(f"model path {str(path)!r} is a file; give the diffusers model or pipeline folder")
+    return path
+
+
+def _model_folder(path: Path) -> Path:
+    for sub in ("unet", "transformer"):
+        if (path / sub / "config.json").is_file():
+            return path / sub
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"{path} holds no diffusers model: expected config.json, unet/config.json or "
+                            "transformer/config.json")
+
+
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32):
+    """The denoiser of a folder or shipped name, in eval mode."""
+    folder = _model_folder(resolve_model_path(model))
+    config = json.loads((folder / "config.json").read_text())
+    class_name = config.get("_class_name")
+    cls = getattr(diffusers, class_name or "", None)
+    if cls is None:
+        raise ValueError(f"{folder}/config.json names model class {class_name!r}, which diffusers does not have")
+    if not list(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{folder} has no .safetensors weights (pagkit never loads pickled weights)")
+    return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
+
+
+def load_scheduler(model: str | Path, name: str | None = None):
+    """The model's own scheduler config (if the folder has one), as scheduler ``name`` (see SCHEDULERS)."""
+    path = resolve_model_path(model)
+    config = {}
+    if (path / "scheduler" / "scheduler_config.json").is_file():
+        config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    if name is None:
+        class_name = config.get("_class_name", "DDIMScheduler")
+    elif name in SCHEDULERS:
+        class_name = SCHEDULERS[name]
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, class_name).from_config(config)

@@ -1,0 +1,67 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline
+from PIL import Image
+
+import models
+from pagkit import io
+from pagkit.cli import main
+from pagkit.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    DDPMPipeline(unet=models.unet2d(), scheduler=DDIMScheduler()).save_pretrained(path)
+    return path
+
+
+def test_layers_command_prints_names_grids_and_aliases(model_dir, capsys):
+    assert main(["layers", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "UNet2DModel: 7 self-attention layers" in out
+    assert "down_blocks.1.attentions.0" in out and "8x8" in out
+    assert "up.0         2 layers" in out
+
+
+def test_sample_command_writes_a_labelled_grid(model_dir, tmp_path, capsys):
+    out_png = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(model_dir), "--steps", "2", "--num-images", "3", "--quiet",
+                 "--pag-layers", "down.1", "--out", str(out_png)]) == 0
+    printed = capsys.readouterr().out
+    for row in ("no guidance", "PAG s=3", "SEG g=3 sigma=inf", "SAG s=0.75"):
+        assert row in printed
+    image = Image.open(out_png)
+    zoom, pad, label_width = 3, 2, 190
+    assert image.size == (label_width + 3 * (16 * zoom + pad) + pad, 4 * (16 * zoom + pad) + pad)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--model", "/no/such/model"], "model '/no/such/model' not found"),
+    (["sample", "--steps", "-2"], "argument --steps: expected a positive integer, got -2"),
+    (["sample", "--pag-layers", "mid_blok"], "unknown layer 'mid_blok'"),
+    (["layers", "/no/such/model"], "not found"),
+])
+def test_bad_input_is_one_line_exit_2_no_traceback(argv, message):
+    result = subprocess.run([sys.executable, "-m", "pagkit.cli", *argv], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_training_resumes_exactly_from_its_checkpoint(tmp_path):
+    common = dict(size="tiny", batch_size=8, max_steps=4, warmup_steps=2, checkpoint_every=2, milestones=(1.0,))
+    straight = train(TrainConfig(out=str(tmp_path / "straight"), **common))
+    # a run cut short after its first step (time budget 0), then started again, must end where the straight one did
+    train(TrainConfig(out=str(tmp_path / "resumed"), time_budget_min=0.0, **common))
+    assert io.read_json(tmp_path / "resumed" / "checkpoint" / "state.json")["step"] == 1
+    resumed = train(TrainConfig(out=str(tmp_path / "resumed"), **common))
+    a = io.load_tensors(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    b = io.load_tensors(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = io.read_json(tmp_path / "resumed" / "summary.json")
+    assert summary["steps"] == 4 and summary["images_seen"] == 32 and summary["finished"]
