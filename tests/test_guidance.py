@@ -199,3 +199,27 @@ def test_guidance_rescale_pulls_std_back():
     eps_c = model(x, t, **cond).sample
     torch.testing.assert_close(full.std(dim=(1, 2, 3)), eps_c.std(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(raw, full)
+
+
+@pytest.mark.parametrize("pipeline", ["DDIMPipeline", "DDPMPipeline"])
+def test_attach_works_on_unconditional_ddim_and_ddpm_pipelines(pipeline):
+    import diffusers
+    unet = models.unet2d()
+    pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=models.ddim() if pipeline == "DDIMPipeline"
+                                        else DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(batch_size=2, num_inference_steps=3, output_type="np")
+
+    def run():
+        return torch.from_numpy(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images)
+    plain = run()
+    with pagkit.attach(pipe, pagkit.PAG(3.0, layers="down.1")):
+        guided = run()
+    assert (guided - plain).abs().max() > 1e-3
+    assert torch.equal(run(), plain)  # restored
+    if pipeline == "DDIMPipeline":  # deterministic: pagkit's own loop from the same noise gives the same images
+        noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        ours = pagkit.sample(unet, pipe.scheduler, batch_size=2, num_inference_steps=3, latents=noise,
+                             guidance=[pagkit.PAG(3.0, layers="down.1")], progress_bar=False)
+        ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        torch.testing.assert_close(ours, guided, rtol=0, atol=1e-5)
