@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample with and without guidance, same seeds, one labelled PNG grid")
     p.add_argument("--model", help="diffusers UNet2DModel/UNet2DConditionModel folder (default: the shipped models)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
-                   help="sampler (default: the model's own scheduler config)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim",
+                   help="sampler, built from the model's own scheduler config (default: ddim)")
     p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=_positive_int, default=8, help="seeds per row (default 8)")

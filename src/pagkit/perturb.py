@@ -119,49 +119,53 @@ class Uniform(QueryBlur):
 
 
 @dataclass
-class RandomMask(Perturbation):
-    """Drop each attention-map entry with probability ``p``; the diagonal is always kept, so no row is empty."""
+class _RandomLogitBias(Perturbation):
+    """Attention with a random additive bias on the logits, drawn from a seeded CPU generator."""
 
-    p: float = 0.5
-    seed: int = 0
-    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+    seed: int = field(default=0, kw_only=True)
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False, kw_only=True)
 
-    def __post_init__(self):
-        if not (0.0 <= self.p < 1.0):
-            raise ValueError(f"mask probability p must be in [0, 1), got {self.p!r}")
+    def bias(self, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
 
     def attend(self, q, k, v, grid, scale, attention_mask):
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        b, heads, n, _ = q.shape
-        drop = torch.rand((b, heads, n, k.shape[-2]), generator=self.generator) < self.p
-        drop &= ~torch.eye(n, k.shape[-2], dtype=torch.bool)
-        bias = torch.zeros(drop.shape, dtype=q.dtype).masked_fill_(drop, float("-inf")).to(q.device)
+        bias = self.bias((q.shape[0], q.shape[1], q.shape[2], k.shape[-2])).to(q)
         if attention_mask is not None:
             bias = bias + attention_mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 @dataclass
-class LogitNoise(Perturbation):
+class RandomMask(_RandomLogitBias):
+    """Drop each attention-map entry with probability ``p`` (logit −∞); the diagonal is always kept, so no row is
+    empty."""
+
+    p: float = 0.5
+
+    def __post_init__(self):
+        if not (0.0 <= self.p < 1.0):
+            raise ValueError(f"mask probability p must be in [0, 1), got {self.p!r}")
+
+    def bias(self, shape):
+        drop = torch.rand(shape, generator=self.generator) < self.p
+        drop &= ~torch.eye(shape[-2], shape[-1], dtype=torch.bool)
+        return torch.zeros(shape).masked_fill_(drop, float("-inf"))
+
+
+@dataclass
+class LogitNoise(_RandomLogitBias):
     """Add N(0, std²) to the attention logits QKᵀ/√d."""
 
     std: float = 1.0
-    seed: int = 0
-    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not (self.std >= 0 and math.isfinite(self.std)):
             raise ValueError(f"logit noise std must be a finite number >= 0, got {self.std!r}")
 
-    def attend(self, q, k, v, grid, scale, attention_mask):
-        if self.generator is None:
-            self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        b, heads, n, _ = q.shape
-        bias = (self.std * torch.randn((b, heads, n, k.shape[-2]), generator=self.generator)).to(q)
-        if attention_mask is not None:
-            bias = bias + attention_mask
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    def bias(self, shape):
+        return self.std * torch.randn(shape, generator=self.generator)
 
 
 PERTURBATIONS = {"identity": Identity, "blur": QueryBlur, "uniform": Uniform, "mask": RandomMask, "noise": LogitNoise}
