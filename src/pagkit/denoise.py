@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from .attach import Segment, routed
 from .guidance import CFG, SAG, GuidanceTerm, check_guidance, combine, rescale_guidance
 from .layers import resolve_layers
 from .perturb import Perturbation, gaussian_blur
+from .prefix import prefix_stages, shared_prefix
 
 
 @dataclass
@@ -95,10 +97,14 @@ class GuidedDenoiser:
     ``scheduler``: needed for SAG only (x̂₀ and re-noising).
     ``guidance_rescale``: φ of Lin et al. (2023); 0 turns it off.
     ``forward``: what to call instead of ``model(...)`` (``attach`` passes the unwrapped forward).
+    ``prefix_sharing``: compute the stages before the first perturbed layer once for the conditional and
+    the perturbed branches (see prefix.py); same results, less work. False runs every branch in full.
     """
 
-    def __init__(self, model, guidance=(), *, scheduler=None, guidance_rescale: float = 0.0, forward=None):
+    def __init__(self, model, guidance=(), *, scheduler=None, guidance_rescale: float = 0.0, forward=None,
+                 prefix_sharing: bool = True):
         self.model = model
+        self.prefix_sharing = prefix_sharing
         self.forward = forward if forward is not None else model
         self.terms: list[GuidanceTerm] = check_guidance(guidance)
         if not (isinstance(guidance_rescale, (int, float)) and 0.0 <= guidance_rescale <= 1.0):
@@ -139,6 +145,19 @@ class GuidedDenoiser:
                 scales[key] = term.scale_at(progress)
         return branches, scales, cfg_scale
 
+    def _shared_prefix(self, branches: list[Branch], b: int):
+        """Share the stages before the first perturbed layer between ``cond`` and the perturbed branches."""
+        perturbed = [br for br in branches if br.perturbations]
+        stage_names = prefix_stages(self.model, sorted({n for br in perturbed for n in br.perturbations})) \
+            if perturbed and self.prefix_sharing else []
+        if not stage_names:
+            return contextlib.nullcontext()
+        names = [br.name for br in branches]
+        shared = names.index(perturbed[0].name)  # perturbed branches come last
+        cond = names.index("cond")
+        source = list(range(shared * b)) + [cond * b + j for _ in perturbed for j in range(b)]
+        return shared_prefix(self.model, stage_names, shared * b, source)
+
     def _call(self, x, t, kwargs):
         return output_tensor(self.forward(x, timestep=t, **kwargs, return_dict=False))
 
@@ -173,7 +192,8 @@ class GuidedDenoiser:
             if sag_scale is not None:
                 i = [br.name for br in branches].index(sag_ref)
                 router.capture[self.sag_layer] = (i * b, (i + 1) * b)
-            out = self._call(x_batch, t_batch, kwargs)
+            with self._shared_prefix(branches, b):
+                out = self._call(x_batch, t_batch, kwargs)
             captured = router.captured.get(self.sag_layer)
         preds = dict(zip([br.name for br in branches], out.split(b)))
 
