@@ -1,4 +1,4 @@
-"""The ``pagkit`` command: ``layers``, ``sample``, ``train``.
+"""The ``pagkit`` command: ``layers``, ``sample``, ``bench``, ``train``.
 
 Errors a user can fix (a bad path, an unknown layer, a bad number) end in one
 line on stderr and exit code 2, never a traceback.
@@ -146,6 +146,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_bench(args) -> None:
+    from . import bench
+    torch.set_num_threads(args.threads)
+    sections = []
+    if args.model in ("sd15", "both"):
+        print(f"SD1.5-shaped UNet2DConditionModel (64,128,256,256), 32x32 latents, {args.steps} DDIM steps, "
+              f"{args.rounds} rounds, {args.threads} thread(s)")
+        results = bench.run_interleaved(bench.sd15_configs(args.steps), args.rounds)
+        sections.append(bench.report("SD1.5-shaped UNet, 32×32 latents", results,
+                                     ["CFG 7.5 (diffusers)", "no guidance (diffusers)"]))
+    if args.model in ("demo", "both"):
+        if DEFAULT_UNCOND in shipped_models():
+            model, title = load_model(DEFAULT_UNCOND), f"shipped {DEFAULT_UNCOND} UNet2DModel"
+        else:
+            model, _ = _random_demo_model()
+            title = "demo-shaped UNet2DModel (random weights: no shipped model yet)"
+        print(f"{title}, {args.steps} DDIM steps, {args.rounds} rounds")
+        results = bench.run_interleaved(bench.demo_configs(model, args.steps, layers=args.demo_layers), args.rounds)
+        sections.append(bench.report(title, results, ["no guidance"]))
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    if args.out:
+        from .io import atomic_path
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text)
+        print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pagkit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -176,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("bench", help="time guidance side by side: diffusers' PAG pipeline vs pagkit")
+    p.add_argument("--model", choices=["sd15", "demo", "both"], default="both")
+    p.add_argument("--steps", type=_positive_int, default=10)
+    p.add_argument("--rounds", type=_positive_int, default=5)
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("--demo-layers", default="mid", help="PAG layers for the demo UNet (default mid)")
+    p.add_argument("--out", default=None, help="also write the markdown tables here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="train a Fashion-MNIST UNet2DModel (resumes from OUT/checkpoint)")
     p.add_argument("--out", required=True)

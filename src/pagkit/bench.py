@@ -1,0 +1,152 @@
+"""Side-by-side cost of guidance: diffusers' PAG pipeline against pagkit, interleaved rounds, medians.
+
+Every configuration samples the same number of steps from the same noise; the
+rounds interleave the configurations, so drifts of the machine hit them all
+alike. Ratios are of medians (÷ CFG and ÷ no guidance). Peak memory is the
+largest rise of the process's resident memory during a run, sampled every 2 ms.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import guidance as G
+from .sample import sample
+
+
+def sd15_shaped_unet(seed: int = 0):
+    """An SD1.5-shaped UNet2DConditionModel, (64, 128, 256, 256) channels, random weights."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256, 256),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32).eval()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakMemory:
+    """Largest rise of resident memory while the block runs (CPU); CUDA's own peak counter on GPUs."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.rise = self.peak - self.base
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: list[float]
+    memory_rise: list[int]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def run_interleaved(configs: dict[str, Callable[[], None]], rounds: int, progress: bool = True) -> dict[str, Result]:
+    results = {name: Result(name, [], []) for name in configs}
+    for name, fn in configs.items():  # warm-up, not timed
+        fn()
+    for r in range(rounds):
+        for name, fn in configs.items():
+            with PeakMemory() as mem:
+                start = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - start
+            results[name].seconds.append(seconds)
+            results[name].memory_rise.append(mem.rise)
+        if progress:
+            print(f"  round {r + 1}/{rounds} done", flush=True)
+    return results
+
+
+def sd15_configs(steps: int, batch: int = 1) -> dict[str, Callable[[], None]]:
+    from diffusers import DDIMScheduler, StableDiffusionPAGPipeline, StableDiffusionPipeline
+    unet = sd15_shaped_unet()
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    common = dict(unet=unet, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None, safety_checker=None,
+                  feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**common)
+    pag_pipe = StableDiffusionPAGPipeline(**common, pag_applied_layers=["mid"])
+    for p in (pipe, pag_pipe):
+        p.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    emb, neg = torch.randn(batch, 77, 768, generator=g), torch.randn(batch, 77, 768, generator=g)
+    latents = torch.randn(batch, 4, 32, 32, generator=g)
+    call = dict(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, output_type="latent",
+                height=256, width=256, latents=latents)
+
+    def ours(terms, share=True):
+        def run():
+            sample(unet, scheduler, batch_size=batch, num_inference_steps=steps, guidance=terms, latents=latents,
+                   encoder_hidden_states=emb, negative_encoder_hidden_states=neg, progress_bar=False,
+                   prefix_sharing=share)
+        return run
+
+    with torch.no_grad():
+        return {
+            "no guidance (diffusers)": lambda: pipe(**call, guidance_scale=1.0),
+            "CFG 7.5 (diffusers)": lambda: pipe(**call, guidance_scale=7.5),
+            "CFG+PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=7.5, pag_scale=3.0),
+            "PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=1.0, pag_scale=3.0),
+            "CFG 7.5 pagkit": ours([G.CFG(7.5)]),
+            "CFG+PAG(mid) pagkit, no sharing": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")], share=False),
+            "CFG+PAG(mid) pagkit": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")]),
+            "PAG(mid) pagkit, no sharing": ours([G.PAG(3.0, layers="mid")], share=False),
+            "PAG(mid) pagkit": ours([G.PAG(3.0, layers="mid")]),
+            "PAG(mid) pagkit, first half only": ours([G.PAG(3.0, layers="mid", stop=0.5)]),
+        }
+
+
+def demo_configs(model, steps: int, batch: int = 1, layers: str = "mid") -> dict[str, Callable[[], None]]:
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler()
+    size = model.config.sample_size
+    latents = torch.randn(batch, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+
+    def ours(terms, share=True):
+        return lambda: sample(model, scheduler, batch_size=batch, num_inference_steps=steps, guidance=terms,
+                              latents=latents, progress_bar=False, prefix_sharing=share)
+    return {
+        "no guidance": ours([]),
+        f"PAG({layers}) pagkit, no sharing": ours([G.PAG(3.0, layers=layers)], share=False),
+        f"PAG({layers}) pagkit": ours([G.PAG(3.0, layers=layers)]),
+        f"PAG({layers}) pagkit, first half only": ours([G.PAG(3.0, layers=layers, stop=0.5)]),
+    }
+
+
+def report(title: str, results: dict[str, Result], baselines: list[str]) -> str:
+    lines = [f"### {title}", "", "| configuration | median s | " + " | ".join(f"÷ {b}" for b in baselines)
+             + " | peak RSS rise MB |", "|---|---:|" + "---:|" * len(baselines) + "---:|"]
+    for name, res in results.items():
+        ratios = " | ".join(f"{res.median / results[b].median:.2f}" for b in baselines)
+        lines.append(f"| {name} | {res.median:.3f} | {ratios} | {max(res.memory_rise) / 2**20:.0f} |")
+    return "\n".join(lines)
