@@ -1,0 +1,200 @@
+"""Sample-quality metrics on the features of a Fashion-MNIST classifier that pagkit trains and ships.
+
+* FD and KID: torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance``
+  with the classifier's penultimate features in place of Inception's.
+* IS analogue: torchmetrics' ``InceptionScore`` on the classifier's logits.
+* k-NN precision and recall (Kynkäänniemi et al. 2019, k = 3): torchmetrics lacks them.
+
+Images enter as float tensors in [-1, 1] (the diffusion models' space), (N, 1, 32, 32).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import io
+
+CLASSIFIER_NAME = "fmnist-classifier"
+
+
+class FashionClassifier(nn.Module):
+    """A small VGG-style CNN for 32×32 Fashion-MNIST; ``features`` is its 128-d penultimate layer."""
+
+    num_features = 128
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.MaxPool2d(2))
+        self.body = nn.Sequential(block(1, width), block(width, 2 * width), block(2 * width, 4 * width))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * width * 16, self.num_features),
+                                  nn.ReLU())
+        self.classify = nn.Linear(self.num_features, 10)
+        self.width = width
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
+
+
+class FeatureExtractor(nn.Module):
+    """What torchmetrics calls: images in [-1, 1] → the classifier's features (or its logits)."""
+
+    def __init__(self, classifier: FashionClassifier, logits: bool = False):
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.logits = logits
+        self.num_features = 10 if logits else classifier.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = x.float().clamp(-1, 1)
+            return self.classifier(x) if self.logits else self.classifier.features(x)
+
+
+def classifier_dir() -> Path:
+    return Path(__file__).parent / "models" / CLASSIFIER_NAME
+
+
+def load_classifier(path: str | Path | None = None) -> FashionClassifier:
+    path = Path(path) if path else classifier_dir()
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no classifier at {path} (model.safetensors); train one with "
+                                "`python -m pagkit.metrics --train-classifier`")
+    config = json.loads((path / "config.json").read_text())
+    model = FashionClassifier(width=config["width"])
+    model.load_state_dict(io.load_tensors(path / "model.safetensors"))
+    return model.eval()
+
+
+def train_classifier(out: str | Path | None = None, epochs: int = 10, batch_size: int = 128, seed: int = 0,
+                     threads: int = 2, data_dir=None) -> float:
+    """Train the feature classifier; writes model.safetensors, config.json (with test accuracy). Returns accuracy."""
+    from tqdm.auto import tqdm
+
+    from .data import load_fashion_mnist
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out = Path(out) if out else classifier_dir()
+    x_train, y_train = load_fashion_mnist("train", data_dir)
+    x_test, y_test = load_fashion_mnist("test", data_dir)
+    model = FashionClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    steps = epochs * (len(x_train) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps, desc="classifier", unit="step")
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=g)
+        for i in range(len(x_train) // batch_size):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            x = x_train[idx]
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    accuracy = classifier_accuracy(model, x_test, y_test)
+    io.save_tensors(out / "model.safetensors", model.state_dict())
+    io.write_json(out / "config.json", {"width": model.width, "num_features": model.num_features,
+                                        "test_accuracy": accuracy, "epochs": epochs, "batch_size": batch_size,
+                                        "seed": seed})
+    return accuracy
+
+
+@torch.no_grad()
+def classifier_accuracy(model: FashionClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = sum((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum().item() for i in range(0, len(x), 1000))
+    return correct / len(x)
+
+
+def _fill(metric, real: torch.Tensor | None, fake: torch.Tensor, chunk: int = 1000):
+    if real is not None:
+        for part in real.split(chunk):
+            metric.update(part, real=True)
+    for part in fake.split(chunk):
+        metric.update(part, real=False)
+    return metric.compute()
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module) -> float:
+    """FD between two sets on ``extractor``'s features (torchmetrics' FID with a custom feature module).
+
+    ``extractor``: e.g. ``FeatureExtractor(load_classifier())`` for images in [-1, 1]; it needs ``num_features``.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    return float(_fill(FrechetInceptionDistance(feature=extractor), real, fake))
+
+
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module,
+                    subset_size: int = 1000) -> tuple[float, float]:
+    """KID (mean, std over random subsets) on ``extractor``'s features."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+    subset_size = min(subset_size, len(real), len(fake))
+    mean, std = _fill(KernelInceptionDistance(feature=extractor, subset_size=subset_size), real, fake)
+    return float(mean), float(std)
+
+
+def inception_score(fake: torch.Tensor, classifier: FashionClassifier, splits: int = 10) -> tuple[float, float]:
+    """IS analogue: exp E_x KL(p(y|x) ‖ p(y)) with the classifier's class probabilities (at most 10)."""
+    from torchmetrics.image.inception import InceptionScore
+    metric = InceptionScore(feature=FeatureExtractor(classifier, logits=True), splits=splits)
+    for part in fake.split(1000):
+        metric.update(part)
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, classifier: FashionClassifier) -> torch.Tensor:
+    return torch.cat([classifier.features(chunk) for chunk in images.float().split(1000)])
+
+
+def _kth_neighbour_radii(feats: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(feats, feats)
+    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+
+
+def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019).
+
+    precision: fraction of fakes inside the union of k-NN balls around the reals;
+    recall: fraction of reals inside the union of k-NN balls around the fakes.
+    """
+    real, fake = real_features.double(), fake_features.double()
+
+    def coverage(points, manifold):
+        radii = _kth_neighbour_radii(manifold, k)
+        inside = torch.zeros(len(points), dtype=torch.bool)
+        for i in range(0, len(points), 1000):
+            inside[i:i + 1000] = (torch.cdist(points[i:i + 1000], manifold) <= radii[None]).any(dim=1)
+        return inside.double().mean().item()
+
+    return coverage(fake, real), coverage(real, fake)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="train pagkit's Fashion-MNIST feature classifier")
+    parser.add_argument("--train-classifier", action="store_true", required=True)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    print(f"test accuracy: {train_classifier(args.out, epochs=args.epochs, threads=args.threads):.4f}")
