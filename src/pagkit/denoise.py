@@ -161,7 +161,6 @@ class GuidedDenoiser:
     def _call(self, x, t, kwargs):
         return output_tensor(self.forward(x, timestep=t, **kwargs, return_dict=False))
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor, t, cond: dict | None = None, uncond: dict | None = None,
                 progress: float = 0.0, external_cfg: float | None = None) -> torch.Tensor:
         """ε̃ for ``x`` at timestep ``t``; ``progress`` = step index ÷ number of steps drives the schedules.
