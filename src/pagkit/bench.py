@@ -111,19 +111,18 @@ def sd15_configs(steps: int, batch: int = 1) -> dict[str, Callable[[], None]]:
                    prefix_sharing=share)
         return run
 
-    with torch.no_grad():
-        return {
-            "no guidance (diffusers)": lambda: pipe(**call, guidance_scale=1.0),
-            "CFG 7.5 (diffusers)": lambda: pipe(**call, guidance_scale=7.5),
-            "CFG+PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=7.5, pag_scale=3.0),
-            "PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=1.0, pag_scale=3.0),
-            "CFG 7.5 pagkit": ours([G.CFG(7.5)]),
-            "CFG+PAG(mid) pagkit, no sharing": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")], share=False),
-            "CFG+PAG(mid) pagkit": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")]),
-            "PAG(mid) pagkit, no sharing": ours([G.PAG(3.0, layers="mid")], share=False),
-            "PAG(mid) pagkit": ours([G.PAG(3.0, layers="mid")]),
-            "PAG(mid) pagkit, first half only": ours([G.PAG(3.0, layers="mid", stop=0.5)]),
-        }
+    return {
+        "no guidance (diffusers)": lambda: pipe(**call, guidance_scale=1.0),
+        "CFG 7.5 (diffusers)": lambda: pipe(**call, guidance_scale=7.5),
+        "CFG+PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=7.5, pag_scale=3.0),
+        "PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=1.0, pag_scale=3.0),
+        "CFG 7.5 pagkit": ours([G.CFG(7.5)]),
+        "CFG+PAG(mid) pagkit, no sharing": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")], share=False),
+        "CFG+PAG(mid) pagkit": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")]),
+        "PAG(mid) pagkit, no sharing": ours([G.PAG(3.0, layers="mid")], share=False),
+        "PAG(mid) pagkit": ours([G.PAG(3.0, layers="mid")]),
+        "PAG(mid) pagkit, first half only": ours([G.PAG(3.0, layers="mid", stop=0.5)]),
+    }
 
 
 def demo_configs(model, steps: int, batch: int = 1, layers: str = "mid") -> dict[str, Callable[[], None]]:

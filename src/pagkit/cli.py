@@ -1,4 +1,4 @@
-"""The ``pagkit`` command: ``layers``, ``sample``, ``bench``, ``train``.
+"""The ``pagkit`` command: ``layers``, ``sample``, ``eval``, ``bench``, ``train``.
 
 Errors a user can fix (a bad path, an unknown layer, a bad number) end in one
 line on stderr and exit code 2, never a traceback.
@@ -174,6 +174,42 @@ def cmd_bench(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _floats(text: str) -> list[float]:
+    return [_finite(v) for v in text.split(",") if v.strip()]
+
+
+def _intervals(text: str) -> list[tuple[float, float]]:
+    out = []
+    for item in text.split(","):
+        try:
+            start, stop = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"intervals look like 0:1,0:0.33 (start:stop), got {item!r}")
+        out.append((start, stop))
+    return out
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import Sweep, expand
+    configs = expand(args.model, args.methods, scales=args.scales, cfg_scales=args.cfg_scales,
+                     layer_sets=[_layer_list(group) for group in args.layers.split(";")],
+                     perturbations=args.perturbations, sigmas=args.seg_sigmas, intervals=args.intervals,
+                     sag_layer=args.sag_layer, seed_sets=args.seed_sets, scheduler=args.scheduler, steps=args.steps,
+                     num_samples=args.num_samples)
+    from .denoise import GuidedDenoiser
+    from .load import load_model
+    model = load_model(args.model)
+    for config in configs:  # every layer name and scale checked before any sampling
+        GuidedDenoiser(model, config.terms(), scheduler=load_scheduler(args.model, args.scheduler))
+    print(f"{len(configs)} configurations x {args.num_samples} samples -> {args.out}")
+    sweep = Sweep(Path(args.out), configs, shard_size=args.shard_size, classifier=args.classifier,
+                  num_real=args.num_real, threads=args.threads, max_new_shards=args.max_new_shards,
+                  progress=not args.quiet)
+    rows = sweep.run()
+    if rows:
+        print((Path(args.out) / "results.md").read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pagkit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -213,6 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-layers", default="mid", help="PAG layers for the demo UNet (default mid)")
     p.add_argument("--out", default=None, help="also write the markdown tables here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="resumable metric sweeps (FD, KID, IS, precision/recall); torchrun-ready")
+    p.add_argument("--model", default=DEFAULT_UNCOND, help="shipped model name or diffusers folder")
+    p.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",")], default=["none", "pag"],
+                   help="comma-separated: none, pag, seg, sag, cfg, cfg+pag")
+    p.add_argument("--scales", type=_floats, default=[3.0], help="PAG s / SEG γ / SAG s values")
+    p.add_argument("--cfg-scales", type=_floats, default=[3.0], help="CFG w values")
+    p.add_argument("--layers", default="down.1.attentions.0",
+                   help="layer sets: ';' between sets, ',' within a set (e.g. 'down.1;mid;down.2,mid')")
+    p.add_argument("--perturbations", type=lambda t: t.split(","), default=["identity"])
+    p.add_argument("--seg-sigmas", type=_floats, default=[float("inf")])
+    p.add_argument("--sag-layer", default="mid")
+    p.add_argument("--intervals", type=_intervals, default=[(0.0, 1.0)], help="start:stop fractions, e.g. 0:0.33")
+    p.add_argument("--seed-sets", type=lambda t: [int(v) for v in t.split(",")], default=[0])
+    p.add_argument("--num-samples", type=_positive_int, default=2000)
+    p.add_argument("--shard-size", type=_positive_int, default=250)
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
+    p.add_argument("--num-real", type=_positive_int, default=10000, help="test images used as the reference")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--max-new-shards", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train a Fashion-MNIST UNet2DModel (resumes from OUT/checkpoint)")
     p.add_argument("--out", required=True)

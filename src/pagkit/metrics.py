@@ -61,6 +61,17 @@ class FeatureExtractor(nn.Module):
             return self.classifier(x) if self.logits else self.classifier.features(x)
 
 
+class PassThrough(nn.Module):
+    """A feature module for torchmetrics when the inputs already are features (or logits)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def classifier_dir() -> Path:
     return Path(__file__).parent / "models" / CLASSIFIER_NAME
 
@@ -124,6 +135,7 @@ def classifier_accuracy(model: FashionClassifier, x: torch.Tensor, y: torch.Tens
     return correct / len(x)
 
 
+# sync_on_compute=False everywhere: under torchrun, rank 0 alone computes metrics over all shards.
 def _fill(metric, real: torch.Tensor | None, fake: torch.Tensor, chunk: int = 1000):
     if real is not None:
         for part in real.split(chunk):
@@ -139,7 +151,7 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Modul
     ``extractor``: e.g. ``FeatureExtractor(load_classifier())`` for images in [-1, 1]; it needs ``num_features``.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
-    return float(_fill(FrechetInceptionDistance(feature=extractor), real, fake))
+    return float(_fill(FrechetInceptionDistance(feature=extractor, sync_on_compute=False), real, fake))
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module,
@@ -147,14 +159,15 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module
     """KID (mean, std over random subsets) on ``extractor``'s features."""
     from torchmetrics.image.kid import KernelInceptionDistance
     subset_size = min(subset_size, len(real), len(fake))
-    mean, std = _fill(KernelInceptionDistance(feature=extractor, subset_size=subset_size), real, fake)
+    mean, std = _fill(KernelInceptionDistance(feature=extractor, subset_size=subset_size, sync_on_compute=False),
+                      real, fake)
     return float(mean), float(std)
 
 
 def inception_score(fake: torch.Tensor, classifier: FashionClassifier, splits: int = 10) -> tuple[float, float]:
     """IS analogue: exp E_x KL(p(y|x) ‖ p(y)) with the classifier's class probabilities (at most 10)."""
     from torchmetrics.image.inception import InceptionScore
-    metric = InceptionScore(feature=FeatureExtractor(classifier, logits=True), splits=splits)
+    metric = InceptionScore(feature=FeatureExtractor(classifier, logits=True), splits=splits, sync_on_compute=False)
     for part in fake.split(1000):
         metric.update(part)
     mean, std = metric.compute()

@@ -1,0 +1,345 @@
+"""Resumable, shardable sweeps: methods × scales × layers × perturbations × intervals × seed sets.
+
+Layout of a sweep folder::
+
+    OUT/shards/<config>/<k>.safetensors   the k-th shard of samples (atomic; metadata: seconds)
+    OUT/results/<config>.json             one finished configuration: its full description + metrics
+    OUT/results.{csv,json,md}, OUT/plots/*.png, OUT/grids/<config>.png   rebuilt from results/
+
+A killed sweep, run again, skips every finished shard and configuration. The
+noise of shard k of seed set s is the same for every configuration (generator
+seed = 1_000_003·s + k), so configurations are compared on the same draws.
+Under ``torchrun`` shards are dealt to ranks (gloo on CPU, nccl on GPUs); rank 0
+computes the metrics once all shards exist, so the numbers do not depend on
+how many processes made them.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import guidance as G
+from . import io
+
+NULL_CLASS = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One row of a results table: everything that produced its samples."""
+
+    model: str
+    method: str  # none | pag | seg | sag | cfg | cfg+pag
+    scale: float = 0.0  # PAG s / SEG γ / SAG s (the paper's conventions)
+    cfg_scale: float = 1.0  # CFG w (1 = off)
+    layers: tuple[str, ...] = ()
+    perturbation: str = "identity"
+    sigma: float = math.inf  # SEG
+    start: float = 0.0
+    stop: float = 1.0
+    scheduler: str = "ddim"
+    steps: int = 20
+    num_samples: int = 2000
+    seed_set: int = 0
+
+    @property
+    def key(self) -> str:
+        parts = [Path(self.model).name, self.method]
+        if self.method != "none":
+            if "cfg" in self.method:
+                parts.append(f"w{self.cfg_scale:g}")
+            if self.method != "cfg":
+                parts.append(f"s{self.scale:g}")
+            if self.layers:
+                parts.append("L" + "+".join(self.layers))
+            if self.method in ("pag", "cfg+pag") and self.perturbation != "identity":
+                parts.append(self.perturbation)
+            if self.method == "seg":
+                parts.append(f"sigma{self.sigma:g}")
+            if (self.start, self.stop) != (0.0, 1.0):
+                parts.append(f"t{self.start:g}-{self.stop:g}")
+        parts += [f"{self.scheduler}{self.steps}", f"n{self.num_samples}", f"seed{self.seed_set}"]
+        return re.sub(r"[^A-Za-z0-9.+_-]", "_", "_".join(parts))
+
+    def terms(self) -> list:
+        interval = dict(start=self.start, stop=self.stop)
+        layers = list(self.layers) or ["mid"]
+        if self.method == "none":
+            return []
+        if self.method == "pag":
+            return [G.PAG(self.scale, layers=layers, perturbation=self.perturbation, **interval)]
+        if self.method == "seg":
+            return [G.SEG(self.scale, sigma=self.sigma, layers=layers, **interval)]
+        if self.method == "sag":
+            return [G.SAG(self.scale, layer=layers[0], **interval)]
+        if self.method == "cfg":
+            return [G.CFG(self.cfg_scale, **interval)]
+        if self.method == "cfg+pag":
+            return [G.CFG(self.cfg_scale), G.PAG(self.scale, layers=layers, perturbation=self.perturbation,
+                                                 **interval)]
+        raise ValueError(f"unknown method {self.method!r}; choose one of none, pag, seg, sag, cfg, cfg+pag")
+
+
+def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), layer_sets=(("mid",),),
+           perturbations=("identity",), sigmas=(math.inf,), intervals=((0.0, 1.0),), sag_layer="mid",
+           seed_sets=(0,), scheduler="ddim", steps=20, num_samples=2000) -> list[EvalConfig]:
+    """The cartesian product of the sweep's axes, per method (only the axes a method has)."""
+    base = EvalConfig(model=model, method="none", scheduler=scheduler, steps=steps, num_samples=num_samples)
+    configs = []
+    for seed_set in seed_sets:
+        b = replace(base, seed_set=seed_set)
+        for method in methods:
+            if method == "none":
+                configs.append(b)
+            elif method == "cfg":
+                configs += [replace(b, method="cfg", cfg_scale=w) for w in cfg_scales]
+            elif method == "sag":
+                configs += [replace(b, method="sag", scale=s, layers=(sag_layer,), start=i[0], stop=i[1])
+                            for s in scales for i in intervals]
+            elif method == "seg":
+                configs += [replace(b, method="seg", scale=s, layers=tuple(L), sigma=sig, start=i[0], stop=i[1])
+                            for s in scales for L in layer_sets for sig in sigmas for i in intervals]
+            elif method in ("pag", "cfg+pag"):
+                ws = cfg_scales if method == "cfg+pag" else (1.0,)
+                configs += [replace(b, method=method, cfg_scale=w, scale=s, layers=tuple(L), perturbation=p,
+                                    start=i[0], stop=i[1])
+                            for w in ws for s in scales for L in layer_sets for p in perturbations for i in intervals]
+            else:
+                raise ValueError(f"unknown method {method!r}; choose from none, pag, seg, sag, cfg, cfg+pag")
+    return list(dict.fromkeys(configs))  # scale-0 duplicates etc. collapse
+
+
+@dataclass
+class Sweep:
+    out: Path
+    configs: list[EvalConfig]
+    shard_size: int = 250
+    classifier: str | None = None  # folder of the feature classifier (default: the shipped one)
+    num_real: int = 10000
+    threads: int | None = None
+    max_new_shards: int | None = None  # stop after this many new shards (for tests: a "kill")
+    progress: bool = True
+    _models: dict = field(default_factory=dict, repr=False)
+
+    def shard_path(self, config: EvalConfig, k: int) -> Path:
+        return self.out / "shards" / config.key / f"{k:05d}.safetensors"
+
+    def num_shards(self, config: EvalConfig) -> int:
+        return math.ceil(config.num_samples / self.shard_size)
+
+    def _model(self, name: str):
+        if name not in self._models:
+            from .load import load_model
+            self._models[name] = load_model(name)
+        return self._models[name]
+
+    def make_shard(self, config: EvalConfig, k: int) -> None:
+        from .load import load_scheduler
+        from .sample import sample
+        model = self._model(config.model)
+        scheduler = load_scheduler(config.model, config.scheduler)
+        n = min(self.shard_size, config.num_samples - k * self.shard_size)
+        g = torch.Generator().manual_seed(1_000_003 * config.seed_set + k)
+        size = model.config.sample_size
+        noise = torch.randn(self.shard_size, model.config.in_channels, size, size, generator=g)[:n]
+        conditional = bool(model.config.get("num_class_embeds"))
+        labels = (torch.arange(n) + k * self.shard_size) % 10 if conditional else None
+        start = time.perf_counter()
+        images = sample(model, scheduler, batch_size=n, num_inference_steps=config.steps, guidance=config.terms(),
+                        latents=noise, generator=g, class_labels=labels,
+                        null_class_label=NULL_CLASS if conditional else None, progress_bar=False)
+        seconds = time.perf_counter() - start
+        tensors = {"images": images.clamp(-1, 1).contiguous()}
+        if labels is not None:
+            tensors["labels"] = labels
+        io.save_tensors(self.shard_path(config, k), tensors, metadata={"seconds": f"{seconds:.4f}"})
+
+    def run(self) -> list[dict]:
+        """Generate every missing shard (this rank's share), then (rank 0) every missing result."""
+        rank, world = _dist_rank_world()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        todo = [(c, k) for c in self.configs if not self.result_path(c).is_file()
+                for k in range(self.num_shards(c)) if not self.shard_path(c, k).is_file()]
+        mine = todo[rank::world]
+        made = 0
+        for config, k in tqdm(mine, desc=f"shards (rank {rank})", disable=not self.progress):
+            if self.max_new_shards is not None and made >= self.max_new_shards:
+                print(f"stopping after {made} new shards (max_new_shards)")
+                return []
+            self.make_shard(config, k)
+            made += 1
+        _barrier(world)
+        if rank != 0:
+            return []
+        for config in self.configs:
+            if not self.result_path(config).is_file():
+                self.write_result(config)
+        rows = self.collect()
+        write_tables(self.out, rows)
+        return rows
+
+    def result_path(self, config: EvalConfig) -> Path:
+        return self.out / "results" / f"{config.key}.json"
+
+    def write_result(self, config: EvalConfig) -> None:
+        shards = [io.load_tensors(self.shard_path(config, k)) for k in range(self.num_shards(config))]
+        images = torch.cat([s["images"] for s in shards])
+        seconds = sum(_shard_seconds(self.shard_path(config, k)) for k in range(self.num_shards(config)))
+        metrics = self.metrics(images)
+        metrics["seconds_per_image"] = seconds / len(images)
+        io.write_json(self.result_path(config), {"key": config.key, "config": _config_dict(config),
+                                                 "metrics": metrics})
+        from .report import labelled_grid
+        labelled_grid([(config.key[:32], images[:16])], self.out / "grids" / f"{config.key}.png", zoom=2)
+
+    def _reference(self):
+        if not hasattr(self, "_ref"):
+            from .data import load_fashion_mnist
+            from .metrics import load_classifier
+            classifier = load_classifier(self.classifier)
+            real, real_labels = load_fashion_mnist("test")
+            real = real[:self.num_real]
+            feats, logits = _features_and_logits(classifier, real)
+            self._ref = (classifier, feats, torch.bincount(real_labels[:self.num_real], minlength=10).double(),
+                         real.mean().item())
+        return self._ref
+
+    def metrics(self, images: torch.Tensor) -> dict:
+        from .metrics import PassThrough, frechet_distance, kernel_distance, precision_recall
+        classifier, real_feats, real_hist, real_mean = self._reference()
+        feats, logits = _features_and_logits(classifier, images)
+        from torchmetrics.image.inception import InceptionScore
+        with torch.random.fork_rng():  # IS shuffles and KID draws subsets: fixed, so reruns give equal numbers
+            torch.manual_seed(0)
+            is_metric = InceptionScore(feature=PassThrough(10), splits=10, sync_on_compute=False)
+            is_metric.update(logits)
+            is_mean, is_std = is_metric.compute()
+            kid_mean, kid_std = kernel_distance(real_feats, feats, PassThrough(feats.shape[1]),
+                                                subset_size=min(1000, len(feats)))
+        precision, recall = precision_recall(real_feats, feats, k=3)
+        hist = torch.bincount(logits.argmax(1), minlength=10).double()
+        p, q = hist / hist.sum(), real_hist / real_hist.sum()
+        return {
+            "fd": frechet_distance(real_feats, feats, PassThrough(feats.shape[1])),
+            "kid": kid_mean, "kid_std": kid_std, "is": float(is_mean), "is_std": float(is_std),
+            "precision": precision, "recall": recall, "mean_pixel": images.mean().item(),
+            "real_mean_pixel": real_mean, "class_histogram": [int(v) for v in hist.tolist()],
+            "class_tv_distance": 0.5 * (p - q).abs().sum().item(), "n": len(images),
+        }
+
+    def collect(self) -> list[dict]:
+        keys = [c.key for c in self.configs]
+        return [io.read_json(self.out / "results" / f"{k}.json") for k in keys
+                if (self.out / "results" / f"{k}.json").is_file()]
+
+
+def _config_dict(config: EvalConfig) -> dict:
+    d = asdict(config)
+    d["layers"] = list(config.layers)
+    d["sigma"] = "inf" if math.isinf(config.sigma) else config.sigma
+    return d
+
+
+def _shard_seconds(path: Path) -> float:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return float((f.metadata() or {}).get("seconds", "nan"))
+
+
+@torch.no_grad()
+def _features_and_logits(classifier, images: torch.Tensor):
+    feats = torch.cat([classifier.features(x) for x in images.float().split(1000)])
+    return feats, classifier.classify(feats)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+COLUMNS = ["model", "method", "cfg_scale", "scale", "layers", "perturbation", "sigma", "start", "stop", "scheduler",
+           "steps", "num_samples", "seed_set"]
+METRICS = ["fd", "kid", "is", "precision", "recall", "mean_pixel", "class_tv_distance", "seconds_per_image"]
+
+
+def write_tables(out: Path, rows: list[dict]) -> None:
+    """results.csv / .json / .md and the plots, rebuilt from the finished configurations."""
+    io.write_json(out / "results.json", rows)
+    flat = [{**{c: r["config"][c] for c in COLUMNS}, **{m: r["metrics"][m] for m in METRICS}} for r in rows]
+    for row in flat:
+        row["layers"] = "+".join(row["layers"])
+    with io.atomic_path(out / "results.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS + METRICS)
+            writer.writeheader()
+            writer.writerows(flat)
+    header = ["method", "w", "scale", "layers", "perturbation", "σ", "interval", "sampler", "N", "seeds",
+              "FD ↓", "KID ↓", "IS ↑", "precision", "recall", "mean pixel", "class TV ↓", "s/image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in flat:
+        lines.append("| " + " | ".join(str(v) for v in [
+            r["method"], f"{r['cfg_scale']:g}", f"{r['scale']:g}", r["layers"] or "—", r["perturbation"],
+            r["sigma"], f"{r['start']:g}–{r['stop']:g}", f"{r['scheduler']}-{r['steps']}", r["num_samples"],
+            r["seed_set"], f"{r['fd']:.3f}", f"{r['kid']:.4f}", f"{r['is']:.2f}", f"{r['precision']:.3f}",
+            f"{r['recall']:.3f}", f"{r['mean_pixel']:.3f}", f"{r['class_tv_distance']:.3f}",
+            f"{r['seconds_per_image']:.3f}"]) + " |")
+    with io.atomic_path(out / "results.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    _plots(out, flat)
+
+
+def _plots(out: Path, flat: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    baseline = [r["fd"] for r in flat if r["method"] == "none"]
+    series: dict[str, list] = {}
+    for r in flat:
+        if r["method"] in ("pag", "seg", "sag", "cfg+pag"):
+            label = f"{r['method']} {r['layers']} {r['perturbation'] if r['method'] == 'pag' else ''}".strip()
+            series.setdefault(label, []).append((r["scale"], r["fd"]))
+    for label, pts in series.items():
+        pts.sort()
+        pts = ([(0.0, sum(baseline) / len(baseline))] if baseline else []) + pts
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("guidance scale (paper convention)")
+    ax.set_ylabel("FD (classifier features)")
+    if series:
+        ax.legend(fontsize=6)
+    _save_fig(fig, out / "plots" / "fd_vs_scale.png")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in flat:
+        ax.scatter(r["recall"], r["precision"], s=12)
+        ax.annotate(f"{r['method']} {r['scale']:g}", (r["recall"], r["precision"]), fontsize=5)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    _save_fig(fig, out / "plots" / "precision_recall.png")
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
