@@ -26,7 +26,7 @@ class FashionClassifier(nn.Module):
 
     num_features = 128
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 16):
         super().__init__()
 
         def block(cin, cout):
