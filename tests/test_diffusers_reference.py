@@ -118,3 +118,26 @@ def test_sag_matches_diffusers_sag_pipeline(guidance_scale):
         StableDiffusionSAGPipeline(**common), StableDiffusionPipeline(**common),
         [pagkit.SAG(0.75, layer="mid")], {"sag_scale": 0.75}, kwargs)
     assert (attached - expected).abs().max() < 1e-4 < (plain - expected).abs().max()
+
+
+def test_attach_on_pixart_matches_diffusers_pixart_pag_pipeline():
+    """PixArt keeps its CFG scale in a local variable; attach reads it off the call's arguments."""
+    from diffusers import PixArtSigmaPAGPipeline, PixArtSigmaPipeline
+    common = dict(transformer=models.pixart(), vae=models.vae(), scheduler=models.ddim(), text_encoder=None,
+                  tokenizer=None)
+    reference = PixArtSigmaPAGPipeline(**common, pag_applied_layers=["blocks.1"])
+    pipe = PixArtSigmaPipeline(**common)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(negative_prompt=None, prompt_embeds=torch.randn(1, 5, 24, generator=g),
+              negative_prompt_embeds=torch.randn(1, 5, 24, generator=g), prompt_attention_mask=torch.ones(1, 5),
+              negative_prompt_attention_mask=torch.ones(1, 5), num_inference_steps=3, output_type="latent",
+              height=16, width=16, use_resolution_binning=False)
+    for guidance_scale in (4.0, 1.0):
+        expected = reference(**kw, guidance_scale=guidance_scale, pag_scale=2.0,
+                             generator=torch.Generator().manual_seed(1)).images
+        with pagkit.attach(pipe, pagkit.PAG(2.0, layers="blocks.1")):
+            attached = pipe(**kw, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(1)).images
+        plain = pipe(**kw, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(1)).images
+        assert (attached - expected).abs().max() < 1e-4
+        assert (plain - expected).abs().max() > 1e-3
+    assert type(pipe) is PixArtSigmaPipeline  # the call-recording subclass is gone after exit

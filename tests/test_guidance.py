@@ -223,3 +223,38 @@ def test_attach_works_on_unconditional_ddim_and_ddpm_pipelines(pipeline):
                              guidance=[pagkit.PAG(3.0, layers="down.1")], progress_bar=False)
         ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         torch.testing.assert_close(ours, guided, rtol=0, atol=1e-5)
+
+
+def test_attach_on_dit_pipeline_uses_its_cond_first_cfg_batch():
+    """DiT puts the conditional half first; attach must give ε_u + w(ε_c − ε_u) + s(ε_c − ε̂_c) all the same.
+
+    The reference replaces the transformer by one returning [ε̃, ε̃] (ε̃ from pagkit's own CFG+PAG),
+    so that the pipeline's CFG leaves ε̃ unchanged.
+    """
+    from diffusers import DiTPipeline
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    class Reference(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config, self.dtype, self.device = model, model.config, model.dtype, model.device
+            self.denoiser = GuidedDenoiser(model, [pagkit.CFG(3.0), pagkit.PAG(2.0, layers="blocks.1")])
+
+        def forward(self, x, timestep, class_labels, return_dict=True):
+            half = x.shape[0] // 2
+            eps = self.denoiser.predict(x[:half], timestep[:half], {"class_labels": class_labels[:half]},
+                                        {"class_labels": class_labels[half:]})
+            return UNet2DOutput(sample=torch.cat([eps, eps]))
+
+    dit = models.dit()
+    kw = dict(class_labels=[3, 7], guidance_scale=3.0, num_inference_steps=3, output_type="np")
+    pipe = DiTPipeline(transformer=dit, vae=models.vae(), scheduler=models.ddim())
+    pipe.set_progress_bar_config(disable=True)
+    with pagkit.attach(pipe, pagkit.PAG(2.0, layers="blocks.1")):
+        attached = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    reference = DiTPipeline(transformer=Reference(dit), vae=pipe.vae, scheduler=pipe.scheduler)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert abs(attached - expected).max() < 1e-4
+    assert abs(plain - expected).max() > 1e-3

@@ -34,13 +34,23 @@ def _halves(value, batch: int, half: int):
     return value, value
 
 
-def _pipeline_cfg_scale(pipe) -> float | None:
-    """The CFG scale the pipeline is applying right now, or None."""
+# Pipelines whose CFG batch puts the conditional half first (diffusers' DiT); all others put ∅ first.
+_COND_FIRST = ("DiTPipeline",)
+
+
+def _pipeline_cfg_scale(pipe, call_args: dict) -> float | None:
+    """The CFG scale the pipeline is applying right now, or None.
+
+    SD-family pipelines expose it (``do_classifier_free_guidance``); PixArt and DiT keep
+    it in a local variable, so it is read off the arguments of the running ``__call__``
+    (they guide exactly when guidance_scale > 1).
+    """
     try:
         doing_cfg = bool(pipe.do_classifier_free_guidance)
+        return float(pipe.guidance_scale) if doing_cfg else None
     except AttributeError:
-        return None
-    return float(pipe.guidance_scale) if doing_cfg else None
+        w = call_args.get("guidance_scale")
+        return float(w) if w is not None and w > 1.0 else None
 
 
 def _progress(pipe, timestep) -> float:
@@ -51,6 +61,27 @@ def _progress(pipe, timestep) -> float:
         if float((timesteps[hits].float() - t).abs()) < 1e-4:
             return int(hits) / len(timesteps)
     return 1.0 - t / pipe.scheduler.config.get("num_train_timesteps", 1000)
+
+
+@contextmanager
+def _recording_call_arguments(pipe):
+    """Swap in a subclass of the pipeline whose ``__call__`` records its bound arguments; restore on exit."""
+    cls = type(pipe)
+    signature = inspect.signature(cls.__call__)
+    call_args: dict = {}
+
+    def recording_call(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        call_args.clear()
+        call_args.update(bound.arguments)
+        return cls.__call__(self, *args, **kwargs)
+
+    pipe.__class__ = type(cls.__name__, (cls,), {"__call__": recording_call, "__module__": cls.__module__})
+    try:
+        yield call_args
+    finally:
+        pipe.__class__ = cls
 
 
 @contextmanager
@@ -83,19 +114,25 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         first = next(iter(signature.parameters))  # "sample" (UNets) or "hidden_states" (transformers)
         x, t = inputs.pop(first), inputs.pop("timestep")
         progress = _progress(pipe, t)
-        w = _pipeline_cfg_scale(pipe)
+        w = _pipeline_cfg_scale(pipe, call_args)
         if w is not None and x.shape[0] % 2 == 0:
             half = x.shape[0] // 2
-            uncond, cond = _halves(inputs, x.shape[0], half)
-            t_cond = _halves(t, x.shape[0], half)[1]
-            out = denoiser.predict(x[half:], t_cond, cond, uncond, progress, external_cfg=w)
+            first, second = _halves(inputs, x.shape[0], half)
+            t_first, t_second = _halves(t, x.shape[0], half)
+            if cond_first:
+                out = denoiser.predict(x[:half], t_first, first, second, progress, external_cfg=w)
+                out = torch.cat(out.chunk(2)[::-1])  # predict returns [ε_u, ε_c']; this pipeline wants [ε_c', ε_u]
+            else:
+                out = denoiser.predict(x[half:], t_second, second, first, progress, external_cfg=w)
         else:
             out = denoiser.predict(x, t, inputs, None, progress)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
+    cond_first = type(pipe).__name__ in _COND_FIRST
     model.forward = guided_forward
     try:
-        yield pipe
+        with _recording_call_arguments(pipe) as call_args:
+            yield pipe
     finally:
         if had_own_forward:
             model.forward = original_forward
