@@ -43,3 +43,15 @@ def test_precision_and_recall_on_toy_distributions():
     wide = torch.randn(2000, 2, generator=g) * 3
     precision, recall = precision_recall(real, wide)
     assert recall > 0.95 and precision < 0.7  # about P(|z| < 3) of the wider cloud, plus the k-NN margin
+
+
+def test_shipped_classifier_loads_and_reaches_93_percent_on_the_test_set():
+    import json
+
+    from pagkit.data import load_fashion_mnist
+    from pagkit.metrics import classifier_accuracy, classifier_dir, load_classifier
+    config = json.loads((classifier_dir() / "config.json").read_text())
+    x, y = load_fashion_mnist("test")
+    accuracy = classifier_accuracy(load_classifier(), x, y)
+    assert accuracy >= 0.93
+    assert accuracy == pytest.approx(config["test_accuracy"], abs=1e-4)
