@@ -1,4 +1,4 @@
-"""The ``pagkit`` command: ``layers``, ``sample``, ``eval``, ``bench``, ``train``.
+"""The ``pagkit`` command: ``layers``, ``sample``, ``eval``, ``restore``, ``bench``, ``train``.
 
 Errors a user can fix (a bad path, an unknown layer, a bad number) end in one
 line on stderr and exit code 2, never a traceback.
@@ -16,8 +16,10 @@ import torch
 from . import guidance as G
 from .layers import aliases, layers
 from .load import SCHEDULERS, load_model, load_scheduler, shipped_models
+from .restore import TASKS
 
 DEFAULT_UNCOND, DEFAULT_COND = "fmnist", "fmnist-cond"
+DEFAULT_PAG_LAYERS = ["down.1.attentions.0"]  # the shipped UNet's first 16x16 encoder self-attention
 NULL_CLASS = 10
 
 
@@ -210,6 +212,56 @@ def cmd_eval(args) -> None:
         print((Path(args.out) / "results.md").read_text())
 
 
+# pagkit restore's operator options → make_operator's parameters
+TASK_OPTIONS = {"box_size": "size", "keep_fraction": "keep_fraction", "blur_sigma": "sigma",
+                "kernel_size": "kernel_size", "motion_intensity": "intensity", "operator_seed": "seed",
+                "noise_sigma": "noise_sigma"}
+
+
+def cmd_restore(args) -> None:
+    from . import restore as R
+    from .denoise import GuidedDenoiser
+    from .report import labelled_grid
+    from .sample import sample_shape
+    torch.set_num_threads(args.threads) if args.threads else None
+    if args.degraded and not args.input:
+        raise ValueError("--degraded describes --input images; it does not go with --test-images")
+    params = {name: getattr(args, option) for option, name in TASK_OPTIONS.items()}
+    operator = R.make_operator(args.task, **params)
+    methods = {"dps": [], "dps+pag": [G.PAG(args.pag_scale, layers=args.pag_layers)]}
+    out = Path(args.out)
+    if args.test_images:
+        rows = R.restore_eval(args.task, out, methods=methods, model=args.model, params=params,
+                              num_images=args.test_images, step_size=args.step_size, num_inference_steps=args.steps,
+                              scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
+                              classifier=args.classifier, num_real=args.num_real,
+                              max_new_shards=args.max_new_shards, progress=not args.quiet)
+        if rows:
+            print((out / "metrics.md").read_text())
+            print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
+        return
+    model = load_model(args.model)
+    scheduler = load_scheduler(args.model, args.scheduler)
+    for terms in methods.values():  # every layer name checked before any work
+        GuidedDenoiser(model, terms, scheduler=scheduler)
+    blank = torch.zeros(sample_shape(model, 1))
+    size = operator(blank).shape[-2:] if args.degraded else blank.shape[-2:]
+    images = R.read_images(args.input, blank.shape[1], tuple(size))
+    restored, y, scores = R.restore_inputs(model, scheduler, operator, images, methods=methods,
+                                           degraded=args.degraded, step_size=args.step_size,
+                                           num_inference_steps=args.steps, seed=args.seed,
+                                           batch_size=args.batch_size, progress=not args.quiet)
+    labels = {name: R.describe(name, terms, args.step_size) for name, terms in methods.items()}
+    labelled_grid(R.grid_rows(operator, y, restored, None if args.degraded else images, labels), out / "grid.png")
+    if args.degraded:
+        print(f"wrote {out / 'grid.png'} (degraded inputs: no originals, so no PSNR/SSIM)")
+        return
+    results = [{"task": args.task, "method": name, "step_size": args.step_size, "steps": args.steps,
+                "inputs": list(args.input), "metrics": metrics} for name, metrics in scores.items()]
+    print(R.write_tables(out, results))
+    print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pagkit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -227,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive_int, default=8, help="seeds per row (default 8)")
     p.add_argument("--cfg-scale", type=_finite, default=3.0, help="CFG w, diffusers' convention (1 = off)")
     p.add_argument("--pag-scale", type=_finite, default=3.0, help="PAG s, the paper's convention (0 = off)")
-    p.add_argument("--pag-layers", type=_layer_list, default=["down.1.attentions.0"],
+    p.add_argument("--pag-layers", type=_layer_list, default=DEFAULT_PAG_LAYERS,
                    help="comma-separated layer names/aliases (default: the first 16x16 encoder attention)")
     p.add_argument("--seg-scale", type=_finite, default=3.0)
     p.add_argument("--seg-sigma", type=_finite, default=float("inf"), help="query blur width (inf = mean query)")
@@ -256,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: none, pag, seg, sag, cfg, cfg+pag")
     p.add_argument("--scales", type=_floats, default=[3.0], help="PAG s / SEG γ / SAG s values")
     p.add_argument("--cfg-scales", type=_floats, default=[3.0], help="CFG w values")
-    p.add_argument("--layers", default="down.1.attentions.0",
+    p.add_argument("--layers", default=",".join(DEFAULT_PAG_LAYERS),
                    help="layer sets: ';' between sets, ',' within a set (e.g. 'down.1;mid;down.2,mid')")
     p.add_argument("--perturbations", type=lambda t: t.split(","), default=["identity"])
     p.add_argument("--seg-sigmas", type=_floats, default=[float("inf")])
@@ -274,6 +326,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("restore", help="inverse problems by DPS, with and without PAG: grid, PSNR/SSIM/FD table",
+                       description="Degrade images (or take degraded ones) and restore them by DPS posterior "
+                                   "sampling, without and with PAG, from the same noise. --test-images runs are "
+                                   "sharded and resume where they stopped.")
+    p.add_argument("--task", required=True, choices=list(TASKS), help="the measurement operator")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="IMG", help="images (PNG) to degrade and restore")
+    source.add_argument("--test-images", type=_positive_int, metavar="N",
+                        help="the first N Fashion-MNIST test images, with FD against the test set")
+    p.add_argument("--degraded", action="store_true",
+                   help="the --input images are already degraded by this task's operator (no PSNR/SSIM)")
+    p.add_argument("--model", default=DEFAULT_UNCOND, help="shipped model name or diffusers folder")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    p.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--step-size", type=_finite, default=1.0, help="DPS's ζ (default 1; 0 = no data consistency)")
+    p.add_argument("--pag-scale", type=_finite, default=3.0, help="PAG s, the paper's convention (0 = off)")
+    p.add_argument("--pag-layers", type=_layer_list, default=DEFAULT_PAG_LAYERS,
+                   help="comma-separated layer names/aliases (default: the first 16x16 encoder attention)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=50)
+    p.add_argument("--noise-sigma", type=_finite, default=None, help="measurement noise σ_y (default 0.05)")
+    p.add_argument("--box-size", type=_positive_int, default=None, help="box-inpaint: box side in pixels (half)")
+    p.add_argument("--keep-fraction", type=_finite, default=None, help="random-inpaint: pixels kept (0.3)")
+    p.add_argument("--kernel-size", type=_positive_int, default=None, help="blur tasks: odd kernel side (9)")
+    p.add_argument("--blur-sigma", type=_finite, default=None, help="gaussian-deblur: σ in pixels (1.5)")
+    p.add_argument("--motion-intensity", type=_finite, default=None, help="motion-deblur: shake, 0..1 (0.5)")
+    p.add_argument("--operator-seed", type=int, default=None, help="random-inpaint mask / motion kernel (0)")
+    p.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
+    p.add_argument("--num-real", type=_positive_int, default=10000, help="test images used as FD's reference")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--max-new-shards", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="pagkit_restore", help="output folder (default pagkit_restore)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("train", help="train a Fashion-MNIST UNet2DModel (resumes from OUT/checkpoint)")
     p.add_argument("--out", required=True)
