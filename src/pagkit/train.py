@@ -207,8 +207,11 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
-def export_model(run_dir: str | Path, dest: str | Path, *, command: str) -> Path:
-    """Copy a finished run's EMA pipeline to ``dest`` with a model card (``README.md`` + ``card.json``)."""
+def export_model(run_dir: str | Path, dest: str | Path, *, command: str, notes: str = "") -> Path:
+    """Copy a finished run's EMA pipeline to ``dest`` with a model card (``README.md`` + ``card.json``).
+
+    ``notes``: anything about the run the numbers do not say (e.g. a budget changed on resume).
+    """
     import json
     import shutil
     run_dir, dest = Path(run_dir), Path(dest)
@@ -228,7 +231,7 @@ def export_model(run_dir: str | Path, dest: str | Path, *, command: str) -> Path
         "data_md5": summary["data_md5"], "ema_decay": cfg["ema_decay"], "lr": cfg["lr"],
         "conditional": cfg["conditional"], "label_dropout": cfg["label_dropout"] if cfg["conditional"] else None,
         "null_class": NULL_CLASS if cfg["conditional"] else None, "threads": cfg["threads"],
-        "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")},
+        "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")}, "notes": notes,
     }
     io.write_json(tmp / "card.json", card)
     kind = (f"class-conditional ({NUM_CLASSES} classes + null class {NULL_CLASS} for CFG, "
@@ -249,7 +252,7 @@ These are the EMA weights (decay {cfg['ema_decay']}), in safetensors.
 
 Load it with `pagkit.load.load_model("{dest.name}")`, `UNet2DModel.from_pretrained(<this folder>, subfolder="unet")`
 or `DDIMPipeline.from_pretrained(<this folder>)`. Machine-readable: `card.json`.
-""")
+""" + (f"\n{notes}\n" if notes else ""))
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
