@@ -1,19 +1,19 @@
 """Restoration: operators (shape, adjoint, noise, gradients), DPS against plain sampling, resumable evaluation, CLI."""
 import json
+
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 from PIL import Image
 
 import models
 import pagkit
 from pagkit import io
 from pagkit.cli import main
-from pagkit.metrics import FashionClassifier
 from pagkit.restore import (TASKS, GaussianBlur, MotionBlur, RandomInpaint, SuperResolution, dps, make_operator,
-                            motion_kernel, restore_eval)
-from pagkit.train import unet_config
+                            motion_kernel, read_images, restore_eval)
+from test_evaluate import assets  # noqa: F401  (fixture: a tiny 32×32 model and feature classifier)
 
 PAG = [pagkit.PAG(3.0, layers="down.1")]
 
@@ -73,7 +73,8 @@ def test_operator_parameters_are_checked():
         make_operator("sr4", factor=2)  # sr2/sr4 fix their factor
     assert make_operator("box-inpaint", size=None).size is None  # None = the default
     for bad in (lambda: GaussianBlur(kernel_size=4), lambda: GaussianBlur(sigma=0), lambda: RandomInpaint(1.5),
-                lambda: MotionBlur(intensity=2), lambda: SuperResolution(1), lambda: make_operator("sr2", noise_sigma=-1)):
+                lambda: MotionBlur(intensity=2), lambda: SuperResolution(1),
+                lambda: make_operator("sr2", noise_sigma=-1)):
         with pytest.raises(ValueError):
             bad()
     with pytest.raises(ValueError, match="not divisible by the factor 4"):
@@ -91,6 +92,19 @@ def test_box_and_motion_kernel():
     assert (k > 0).sum() > 9  # a trajectory, not a point
 
 
+def test_read_images_pads_small_and_shrinks_large(tmp_path):
+    small = np.zeros((28, 28), dtype=np.uint8)
+    small[10:18, 10:18] = 255
+    Image.fromarray(small).save(tmp_path / "small.png")
+    tiny = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
+    Image.fromarray(np.kron(tiny, np.ones((8, 8), dtype=np.uint8))).convert("RGB").save(tmp_path / "big.png")
+    x = read_images([tmp_path / "small.png"], 1, (32, 32))
+    assert x.shape == (1, 1, 32, 32) and x[0, 0, 12:20, 12:20].eq(1).all() and x.sum() == 64 - (32 * 32 - 64)
+    y = read_images([tmp_path / "big.png"], 1, (4, 4))  # a nearest ×8 upscale, shrunk back exactly
+    torch.testing.assert_close(y[0, 0], torch.from_numpy(tiny).float() / 127.5 - 1)
+    assert read_images([tmp_path / "small.png"], 3, (32, 32)).shape == (1, 3, 32, 32)
+
+
 @pytest.fixture(scope="module")
 def unet():
     return models.unet2d()
@@ -101,12 +115,13 @@ def _measurement(task="box-inpaint", n=2):
     return op, op.measure(_image((n, 1, 16, 16), dtype=torch.float32), torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("scheduler", [models.ddim, lambda: DDPMScheduler(clip_sample=False)])
-def test_dps_without_data_consistency_or_guidance_is_plain_sampling(unet, scheduler):
+@pytest.mark.parametrize("scheduler, eta", [(models.ddim, 0.0), (models.ddim, 1.0),
+                                            (lambda: DDPMScheduler(clip_sample=False), 1.0)])
+def test_dps_without_data_consistency_or_guidance_is_plain_sampling(unet, scheduler, eta):
     op, y = _measurement()
-    restored = dps(unet, scheduler(), op, y, step_size=0.0, num_inference_steps=4,
+    restored = dps(unet, scheduler(), op, y, step_size=0.0, num_inference_steps=4, eta=eta,
                    generator=torch.Generator().manual_seed(1), progress_bar=False)
-    sampled = pagkit.sample(unet, scheduler(), batch_size=2, num_inference_steps=4,
+    sampled = pagkit.sample(unet, scheduler(), batch_size=2, num_inference_steps=4, eta=eta,
                             generator=torch.Generator().manual_seed(1), progress_bar=False)
     assert torch.equal(restored, sampled)
 
@@ -130,7 +145,7 @@ def test_dps_is_reproducible_and_pag_and_data_consistency_matter(unet):
 def test_dps_gradient_is_per_image(unet):  # Σ_b ‖·‖: an image's restoration ignores the rest of its batch
     op, y = _measurement("sr2", n=3)
     latents = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    kw = dict(guidance=PAG, step_size=2.0, num_inference_steps=3, progress_bar=False)
+    kw = dict(guidance=PAG, step_size=2.0, num_inference_steps=3, eta=0.0, progress_bar=False)
     batch = dps(unet, models.ddim(), op, y, latents=latents, **kw)
     alone = dps(unet, models.ddim(), op, y[1:2], latents=latents[1:2], **kw)
     torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=1e-4)
@@ -139,15 +154,9 @@ def test_dps_gradient_is_per_image(unet):  # Σ_b ‖·‖: an image's restorati
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("restore-assets")
-    torch.manual_seed(0)
-    DDPMPipeline(unet=UNet2DModel(**unet_config(False, "tiny")), scheduler=DDIMScheduler()).save_pretrained(
-        root / "model32")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("restore-inputs")
     DDPMPipeline(unet=models.unet2d(), scheduler=DDIMScheduler()).save_pretrained(root / "model16")
-    classifier = FashionClassifier(width=8)
-    io.save_tensors(root / "classifier" / "model.safetensors", classifier.state_dict())
-    io.write_json(root / "classifier" / "config.json", {"width": 8, "num_features": 128})
     rng = np.random.default_rng(0)  # a 28×28 grayscale and a 20×20 RGB input
     Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / "in0.png")
     Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "in1.png")
@@ -156,7 +165,7 @@ def assets(tmp_path_factory):
 
 def _eval(assets, out, pag_scale=3.0, **kw):
     return restore_eval("box-inpaint", out, methods={"dps": [], "dps+pag": [pagkit.PAG(pag_scale, layers="down.1")]},
-                        model=str(assets / "model32"), num_images=6, batch_size=4, num_inference_steps=2,
+                        model=str(assets / "model"), num_images=6, batch_size=4, num_inference_steps=2,
                         step_size=1.0, classifier=str(assets / "classifier"), num_real=200, progress=False, **kw)
 
 
@@ -184,14 +193,14 @@ def test_restore_eval_resumes_without_recomputing(assets, tmp_path):
     results = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed" / "results").glob("*.json")}
     _eval(assets, tmp_path / "resumed")  # finished: nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed" / "results").glob("*.json")} == results
-    with pytest.raises(ValueError, match="other settings \\(guidance\\)"):
+    with pytest.raises(ValueError, match="other settings \\(guidance, guidance_label\\)"):
         _eval(assets, tmp_path / "resumed", pag_scale=2.0)
 
 
-def test_cli_restores_inputs_and_writes_grid_and_metrics(assets, tmp_path, capsys):
-    inputs = [str(assets / "in0.png"), str(assets / "in1.png")]
-    common = ["--model", str(assets / "model16"), "--steps", "2", "--pag-layers", "down.1", "--quiet"]
-    assert main(["restore", "--task", "sr2", "--input", *inputs, *common, "--out", str(tmp_path / "a")]) == 0
+def test_cli_restores_inputs_and_writes_grid_and_metrics(inputs, tmp_path, capsys):
+    common = ["--input", str(inputs / "in0.png"), str(inputs / "in1.png"), "--model", str(inputs / "model16"),
+              "--steps", "2", "--pag-layers", "down.1", "--quiet"]
+    assert main(["restore", "--task", "sr2", *common, "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "| sr2 | dps |" in printed and "| sr2 | dps+pag |" in printed
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -200,14 +209,13 @@ def test_cli_restores_inputs_and_writes_grid_and_metrics(assets, tmp_path, capsy
     assert Image.open(tmp_path / "a" / "grid.png").size == (label_width + 2 * (16 * zoom + pad) + pad,
                                                             4 * (16 * zoom + pad) + pad)
     # already degraded inputs: no originals row, no metrics
-    assert main(["restore", "--task", "sr4", "--degraded", "--input", *inputs, *common, "--out",
-                 str(tmp_path / "b")]) == 0
+    assert main(["restore", "--task", "sr4", "--degraded", *common, "--out", str(tmp_path / "b")]) == 0
     assert Image.open(tmp_path / "b" / "grid.png").size[1] == 3 * (16 * zoom + pad) + pad
     assert not (tmp_path / "b" / "metrics.json").exists()
 
 
 def test_cli_test_images(assets, tmp_path, capsys):
-    assert main(["restore", "--task", "gaussian-deblur", "--test-images", "3", "--model", str(assets / "model32"),
+    assert main(["restore", "--task", "gaussian-deblur", "--test-images", "3", "--model", str(assets / "model"),
                  "--steps", "2", "--pag-layers", "down.1", "--classifier", str(assets / "classifier"),
                  "--num-real", "100", "--blur-sigma", "1.0", "--quiet", "--out", str(tmp_path)]) == 0
     assert "| gaussian-deblur | dps+pag |" in capsys.readouterr().out
@@ -221,9 +229,9 @@ def test_cli_test_images(assets, tmp_path, capsys):
     (["--task", "box-inpaint", "--test-images", "2", "--degraded"], "--degraded describes --input images"),
     (["--task", "box-inpaint", "--test-images", "2", "--blur-sigma", "2"], "takes no parameter sigma"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(assets, argv, message, capsys):
+def test_cli_bad_input_is_one_line_exit_2(inputs, argv, message, capsys):
     try:  # in-process (a subprocess costs seconds of imports): an escaping exception fails the test
-        code = main(["restore", *argv, "--model", str(assets / "model16")])
+        code = main(["restore", *argv, "--model", str(inputs / "model16")])
     except SystemExit as stop:  # argparse's errors
         code = stop.code
     assert code == 2

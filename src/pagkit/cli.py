@@ -6,6 +6,7 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 from . import guidance as G
 from .layers import aliases, layers
 from .load import SCHEDULERS, load_model, load_scheduler, shipped_models
-from .restore import TASKS
+from .restore import DEFAULT_STEP_SIZE, TASKS
 
 DEFAULT_UNCOND, DEFAULT_COND = "fmnist", "fmnist-cond"
 DEFAULT_PAG_LAYERS = ["down.1.attentions.0"]  # the shipped UNet's first 16x16 encoder self-attention
@@ -233,33 +234,42 @@ def cmd_restore(args) -> None:
     if args.test_images:
         rows = R.restore_eval(args.task, out, methods=methods, model=args.model, params=params,
                               num_images=args.test_images, step_size=args.step_size, num_inference_steps=args.steps,
-                              scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
-                              classifier=args.classifier, num_real=args.num_real,
+                              scheduler=args.scheduler, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                              classifier=args.classifier, num_real=args.num_real, device=args.device,
                               max_new_shards=args.max_new_shards, progress=not args.quiet)
         if rows:
             print((out / "metrics.md").read_text())
             print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
         return
-    model = load_model(args.model)
+    model = load_model(args.model).to(args.device)
     scheduler = load_scheduler(args.model, args.scheduler)
     for terms in methods.values():  # every layer name checked before any work
         GuidedDenoiser(model, terms, scheduler=scheduler)
     blank = torch.zeros(sample_shape(model, 1))
     size = operator(blank).shape[-2:] if args.degraded else blank.shape[-2:]
-    images = R.read_images(args.input, blank.shape[1], tuple(size))
+    images = R.read_images(args.input, blank.shape[1], tuple(size)).to(args.device)
     restored, y, scores = R.restore_inputs(model, scheduler, operator, images, methods=methods,
-                                           degraded=args.degraded, step_size=args.step_size,
-                                           num_inference_steps=args.steps, seed=args.seed,
-                                           batch_size=args.batch_size, progress=not args.quiet)
+                                           degraded=args.degraded, seed=args.seed, batch_size=args.batch_size,
+                                           step_size=args.step_size, num_inference_steps=args.steps, eta=args.eta,
+                                           progress_bar=not args.quiet)
     labels = {name: R.describe(name, terms, args.step_size) for name, terms in methods.items()}
-    labelled_grid(R.grid_rows(operator, y, restored, None if args.degraded else images, labels), out / "grid.png")
+    rows = R.grid_rows(operator, y, restored, None if args.degraded else images, labels)
+    labelled_grid(rows, out / "grid.png")
     if args.degraded:
         print(f"wrote {out / 'grid.png'} (degraded inputs: no originals, so no PSNR/SSIM)")
         return
-    results = [{"task": args.task, "method": name, "step_size": args.step_size, "steps": args.steps,
-                "inputs": list(args.input), "metrics": metrics} for name, metrics in scores.items()]
+    results = [{**R.run_config(args.task, name, methods[name], step_size=args.step_size, scheduler=args.scheduler,
+                               steps=args.steps, eta=args.eta, seed=args.seed, model=args.model,
+                               operator=dataclasses.asdict(operator), inputs=list(args.input)), "metrics": metrics}
+               for name, metrics in scores.items()]
     print(R.write_tables(out, results))
     print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
+
+
+def _pag_options(p) -> None:
+    p.add_argument("--pag-scale", type=_finite, default=3.0, help="PAG s, the paper's convention (0 = off)")
+    p.add_argument("--pag-layers", type=_layer_list, default=DEFAULT_PAG_LAYERS,
+                   help="comma-separated layer names/aliases (default: the first 16x16 encoder attention)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,9 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=_positive_int, default=8, help="seeds per row (default 8)")
     p.add_argument("--cfg-scale", type=_finite, default=3.0, help="CFG w, diffusers' convention (1 = off)")
-    p.add_argument("--pag-scale", type=_finite, default=3.0, help="PAG s, the paper's convention (0 = off)")
-    p.add_argument("--pag-layers", type=_layer_list, default=DEFAULT_PAG_LAYERS,
-                   help="comma-separated layer names/aliases (default: the first 16x16 encoder attention)")
+    _pag_options(p)
     p.add_argument("--seg-scale", type=_finite, default=3.0)
     p.add_argument("--seg-sigma", type=_finite, default=float("inf"), help="query blur width (inf = mean query)")
     p.add_argument("--seg-layers", type=_layer_list, default=["mid"])
@@ -341,10 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_UNCOND, help="shipped model name or diffusers folder")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     p.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--step-size", type=_finite, default=1.0, help="DPS's ζ (default 1; 0 = no data consistency)")
-    p.add_argument("--pag-scale", type=_finite, default=3.0, help="PAG s, the paper's convention (0 = off)")
-    p.add_argument("--pag-layers", type=_layer_list, default=DEFAULT_PAG_LAYERS,
-                   help="comma-separated layer names/aliases (default: the first 16x16 encoder attention)")
+    p.add_argument("--eta", type=_finite, default=1.0, help="DDIM's η (default 1: ancestral, as DPS)")
+    p.add_argument("--step-size", type=_finite, default=DEFAULT_STEP_SIZE,
+                   help=f"DPS's ζ (default {DEFAULT_STEP_SIZE:g}; 0 = no data consistency)")
+    _pag_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=50)
     p.add_argument("--noise-sigma", type=_finite, default=None, help="measurement noise σ_y (default 0.05)")
@@ -357,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
     p.add_argument("--num-real", type=_positive_int, default=10000, help="test images used as FD's reference")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device to restore on (default cpu)")
     p.add_argument("--max-new-shards", type=_positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default="pagkit_restore", help="output folder (default pagkit_restore)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -29,6 +29,24 @@ def sample_shape(model, batch_size: int, height: int | None = None, width: int |
     return (batch_size, channels, height, width)
 
 
+def initial_noise(model, batch_size: int, generator: torch.Generator | None = None,
+                  height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """Unit Gaussian noise of the model's sample shape, in its dtype and on its device."""
+    param = next(model.parameters())
+    return randn_tensor(sample_shape(model, batch_size, height, width), generator=generator, device=param.device,
+                        dtype=param.dtype)
+
+
+def start(scheduler, latents: torch.Tensor, num_inference_steps: int, *, eta: float = 0.0,
+          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """x_T (``latents`` × the scheduler's initial σ), then set the timesteps; also the keyword arguments its
+    ``step`` takes (η, generator)."""
+    x = latents * scheduler.init_noise_sigma
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    step_params = set(inspect.signature(scheduler.step).parameters)
+    return x, {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+
+
 @torch.no_grad()
 def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 50, guidance=(),
            generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
@@ -70,12 +88,8 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
         uncond = {**cond, **uncond}
 
     if latents is None:
-        shape = sample_shape(model, batch_size, height, width)
-        latents = randn_tensor(shape, generator=generator, device=param.device, dtype=param.dtype)
-    x = latents * scheduler.init_noise_sigma
-    scheduler.set_timesteps(num_inference_steps, device=param.device)
-    step_params = set(inspect.signature(scheduler.step).parameters)
-    step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+        latents = initial_noise(model, batch_size, generator, height, width)
+    x, step_kwargs = start(scheduler, latents, num_inference_steps, eta=eta, generator=generator)
     timesteps = scheduler.timesteps
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress_bar, leave=False)):
         x_in = scheduler.scale_model_input(x, t)
