@@ -1,0 +1,38 @@
+"""The models shipped inside the package: they load, match their cards, and run in diffusers' own pipelines."""
+import json
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDPMPipeline
+
+import pagkit
+from pagkit.load import load_model, shipped_models
+
+
+@pytest.mark.parametrize("name", ["fmnist", "fmnist-cond"])
+def test_shipped_model_loads_and_matches_its_card(name):
+    folder = shipped_models()[name]
+    card = json.loads((folder / "card.json").read_text())
+    model = load_model(name)
+    loaded = json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+    assert loaded == card["unet_config"]
+    assert sum(p.numel() for p in model.parameters()) == card["parameters"]
+    assert card["conditional"] == (name == "fmnist-cond") == bool(model.config.num_class_embeds)
+    assert card["images_seen"] == card["steps"] * card["batch_size"]
+    for key in ("training_command", "training_seconds", "final_loss", "data_md5"):
+        assert card[key]
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 20e6
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("pipeline_cls", [DDIMPipeline, DDPMPipeline])
+def test_shipped_unconditional_model_runs_in_diffusers_pipelines_with_attach(pipeline_cls):
+    pipe = pipeline_cls.from_pretrained(shipped_models()["fmnist"])
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=2, num_inference_steps=3, output_type="np")
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    with pagkit.attach(pipe, pagkit.PAG(3.0, layers="down.1")):
+        guided = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert plain.shape == guided.shape == (2, 32, 32, 1)
+    assert abs(plain - guided).max() > 1e-3
