@@ -19,7 +19,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def labelled_grid(rows: list[tuple[str, torch.Tensor]], path: str | Path, zoom: int = 3, pad: int = 2,
                   label_width: int = 190) -> Path:
     """One row per (label, images) pair; the same column = the same seed. Written atomically as PNG."""
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=13)  # at the default size 10, spaces all but vanish
     n_cols = max(len(images) for _, images in rows)
     h, w = rows[0][1].shape[-2] * zoom, rows[0][1].shape[-1] * zoom
     canvas = Image.new("RGB", (label_width + n_cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
@@ -27,7 +27,7 @@ def labelled_grid(rows: list[tuple[str, torch.Tensor]], path: str | Path, zoom: 
     for r, (label, images) in enumerate(rows):
         y = pad + r * (h + pad)
         for line_no, line in enumerate(label.split("\n")):
-            draw.text((4, y + 4 + 12 * line_no), line, fill="black", font=font)
+            draw.text((4, y + 4 + 15 * line_no), line, fill="black", font=font)
         for c, img in enumerate(to_uint8(images)):
             tile = Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
             tile = tile.resize((w, h), Image.NEAREST).convert("RGB")
