@@ -30,6 +30,7 @@ REPORT = "runs/eval/report"  # seed sets 1, 2: reporting
 BEST_LAYERS = "down.2"
 BEST_SCALE = "0.5"
 SEG_LAYERS = "mid"
+SEG_SCALE = "1"
 
 COMMON = "--num-samples 500 --seed-sets 0 --steps 20 --quiet"
 TABLES = [
@@ -38,7 +39,7 @@ TABLES = [
          commands=[
              f"pagkit eval --model fmnist --methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
              f"--num-samples 500 --seed-sets 1,2 --quiet --out {REPORT}",
-             f"pagkit eval --model fmnist --methods seg --scales 3 --layers {SEG_LAYERS} --seg-sigmas inf,2 "
+             f"pagkit eval --model fmnist --methods seg --scales {SEG_SCALE} --layers {SEG_LAYERS} --seg-sigmas inf,2 "
              f"--num-samples 500 --seed-sets 1,2 --quiet --out {REPORT}",
              f"pagkit eval --model fmnist --methods sag --scales 0.75 --sag-layer mid "
              f"--num-samples 500 --seed-sets 1,2 --quiet --out {REPORT}"],
@@ -68,13 +69,15 @@ TABLES = [
     dict(title="7. SEG and SAG over their axes; PAG guidance intervals; model strength",
          note="Intervals are thirds of the trajectory (0 = pure noise). Model strength uses the training run's "
               "EMA checkpoints (runs/fmnist/ema-*pct, made by `pagkit train`).",
-         commands=[f"pagkit eval --model fmnist --methods seg --scales 1,3,5 --layers '{SEG_LAYERS};{BEST_LAYERS}' "
+         commands=[f"pagkit eval --model fmnist --methods seg --scales 1,3,5 --layers {SEG_LAYERS} "
                    f"--seg-sigmas inf,2 {COMMON} --out {MAP}",
                    f"pagkit eval --model fmnist --methods sag --scales 0.3,0.75,1.5 --sag-layer mid {COMMON} "
                    f"--out {MAP}",
                    f"pagkit eval --model fmnist --methods pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
                    f"--intervals 0:0.34,0.33:0.67,0.66:1 {COMMON} --out {MAP}",
-                   f"pagkit eval --model runs/fmnist/ema-50pct --methods none,pag --scales {BEST_SCALE} "
+                   f"pagkit eval --model runs/fmnist/ema-50pct --methods none,pag --scales 3 --layers down.1 "
+                   f"{COMMON} --out {MAP}",
+                   f"pagkit eval --model runs/fmnist/ema-50pct --methods pag --scales {BEST_SCALE} "
                    f"--layers {BEST_LAYERS} {COMMON} --out {MAP}"]),
 ]
 
@@ -150,9 +153,12 @@ def build(prologue: str = "") -> None:
           "`docs/results.json` with its full configuration and metrics. FD/KID/IS/precision/recall use the "
           "features of the shipped Fashion-MNIST classifier (`src/pagkit/models/fmnist-classifier`) against the "
           "10,000 test images. Scales: PAG s and SEG γ in the papers' convention (0 = off), CFG w in "
-          "diffusers' (1 = off).", ""]
-    if prologue:
-        md += [prologue, ""]
+          "diffusers' (1 = off). s/image is wall time on a shared 2-core machine with other jobs running: "
+          "compare it within a table only.", ""]
+    summary = ROOT / "docs" / "notes" / "summary.md"
+    for text in (prologue, summary.read_text().strip() if summary.is_file() else ""):
+        if text:
+            md += [text, ""]
     machine = []
     for table in TABLES:
         rows, missing = _rows(table)
@@ -196,16 +202,11 @@ def main() -> int:
     chosen = None if args.tables is None else {int(v) for v in args.tables.split(",")}
     if args.run:
         from pagkit.cli import main as pagkit_main
-        for number, table in enumerate(TABLES, start=1):
+        jobs = [(n, t["commands"]) for n, t in enumerate(TABLES, start=1)] + [(len(TABLES) + 1, RESTORE_COMMANDS)]
+        for number, commands in jobs:
             if chosen is not None and number not in chosen:
                 continue
-            for command in table["commands"]:
-                print(f"$ {command}", flush=True)
-                code = pagkit_main(shlex.split(command)[1:] + ["--threads", args.threads])
-                if code:
-                    return code
-        if chosen is None or 8 in chosen:
-            for command in RESTORE_COMMANDS:
+            for command in commands:
                 print(f"$ {command}", flush=True)
                 code = pagkit_main(shlex.split(command)[1:] + ["--threads", args.threads])
                 if code:

@@ -32,7 +32,7 @@ def test_sample_command_writes_a_labelled_grid(model_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(model_dir), "--steps", "2", "--num-images", "3", "--quiet",
                  "--pag-layers", "down.1", "--out", str(out_png)]) == 0
     printed = capsys.readouterr().out
-    for row in ("no guidance", "PAG s=3", "SEG g=3 sigma=inf", "SAG s=0.75"):
+    for row in ("no guidance", "PAG s=0.5", "SEG g=1 sigma=inf", "SAG s=0.75"):  # the defaults
         assert row in printed
     image = Image.open(out_png)
     zoom, pad, label_width = 3, 2, 190
