@@ -193,7 +193,7 @@ class Sweep:
     def write_result(self, config: EvalConfig) -> None:
         shards = [io.load_tensors(self.shard_path(config, k)) for k in range(self.num_shards(config))]
         images = torch.cat([s["images"] for s in shards])
-        seconds = sum(_shard_seconds(self.shard_path(config, k)) for k in range(self.num_shards(config)))
+        seconds = sum(io.shard_seconds(self.shard_path(config, k)) for k in range(self.num_shards(config)))
         metrics = self.metrics(images)
         metrics["seconds_per_image"] = seconds / len(images)
         io.write_json(self.result_path(config), {"key": config.key, "config": _config_dict(config),
@@ -247,12 +247,6 @@ def _config_dict(config: EvalConfig) -> dict:
     d["layers"] = list(config.layers)
     d["sigma"] = "inf" if math.isinf(config.sigma) else config.sigma
     return d
-
-
-def _shard_seconds(path: Path) -> float:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return float((f.metadata() or {}).get("seconds", "nan"))
 
 
 @torch.no_grad()

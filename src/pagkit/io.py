@@ -52,6 +52,13 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def shard_seconds(path: str | Path) -> float:
+    """The ``seconds`` a sample shard took, from its safetensors metadata (the tensors are not read)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return float((f.metadata() or {}).get("seconds", "nan"))
+
+
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into tensors (for safetensors) and plain JSON."""
     sd = opt.state_dict()

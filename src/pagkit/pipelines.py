@@ -117,13 +117,13 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         w = _pipeline_cfg_scale(pipe, call_args)
         if w is not None and x.shape[0] % 2 == 0:
             half = x.shape[0] // 2
-            first, second = _halves(inputs, x.shape[0], half)
-            t_first, t_second = _halves(t, x.shape[0], half)
+            inputs_a, inputs_b = _halves(inputs, x.shape[0], half)  # the two halves of the CFG batch
+            t_a, t_b = _halves(t, x.shape[0], half)
             if cond_first:
-                out = denoiser.predict(x[:half], t_first, first, second, progress, external_cfg=w)
+                out = denoiser.predict(x[:half], t_a, inputs_a, inputs_b, progress, external_cfg=w)
                 out = torch.cat(out.chunk(2)[::-1])  # predict returns [ε_u, ε_c']; this pipeline wants [ε_c', ε_u]
             else:
-                out = denoiser.predict(x[half:], t_second, second, first, progress, external_cfg=w)
+                out = denoiser.predict(x[half:], t_b, inputs_b, inputs_a, progress, external_cfg=w)
         else:
             out = denoiser.predict(x, t, inputs, None, progress)
         return UNet2DOutput(sample=out) if return_dict else (out,)

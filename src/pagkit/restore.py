@@ -466,7 +466,7 @@ def restore_eval(task: str, out: str | Path, *, methods: dict[str, list], model:
         reference = features(test_images[:num_real], feature_net)
         for name in missing:
             metrics = _scores(restored[name], originals, feature_net, reference)
-            metrics["seconds_per_image"] = sum(_shard_seconds(shard(name, k)) for k in batches) / num_images
+            metrics["seconds_per_image"] = sum(io.shard_seconds(shard(name, k)) for k in batches) / num_images
             io.write_json(_result_path(out, run, name), {**configs[name], "metrics": metrics})
 
     n = min(grid_columns, num_images)
@@ -504,12 +504,6 @@ def _claim(folder: Path, config: dict) -> None:
                              "choose another output folder")
     else:
         io.write_json(path, config)
-
-
-def _shard_seconds(path: Path) -> float:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return float((f.metadata() or {}).get("seconds", "nan"))
 
 
 def _scores(restored, originals, feature_net=None, reference=None) -> dict:
