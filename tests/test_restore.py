@@ -11,8 +11,9 @@ import models
 import pagkit
 from pagkit import io
 from pagkit.cli import main
+from pagkit.data import read_images
 from pagkit.restore import (TASKS, GaussianBlur, MotionBlur, RandomInpaint, SuperResolution, dps, make_operator,
-                            motion_kernel, read_images, restore_eval)
+                            motion_kernel, restore_eval)
 from test_evaluate import assets  # noqa: F401  (fixture: a tiny 32×32 model and feature classifier)
 
 PAG = [pagkit.PAG(3.0, layers="down.1")]
@@ -221,6 +222,22 @@ def test_cli_test_images(assets, tmp_path, capsys):
     assert "| gaussian-deblur | dps+pag |" in capsys.readouterr().out
     (result,) = [p for p in (tmp_path / "results").glob("*.json") if p.name.endswith("dps+pag.json")]
     assert "gaussian-deblur-sigma1_" in result.name and io.read_json(result)["operator"]["sigma"] == 1.0
+
+
+def test_cli_dps_alone_then_with_pag_shares_the_dps_rows_and_first_image_picks_a_split(assets, tmp_path):
+    common = ["restore", "--task", "box-inpaint", "--test-images", "2", "--model", str(assets / "model"),
+              "--steps", "2", "--pag-layers", "down.1", "--classifier", str(assets / "classifier"),
+              "--num-real", "100", "--quiet", "--out", str(tmp_path)]
+    assert main([*common, "--pag-scale", "0"]) == 0  # DPS alone
+    (dps,) = (tmp_path / "results").glob("*.json")
+    stamp = dps.stat().st_mtime_ns
+    assert main(common) == 0  # + PAG: the DPS row is reused, not redone
+    assert dps.stat().st_mtime_ns == stamp and len(list((tmp_path / "results").glob("*.json"))) == 2
+    assert main([*common, "--first-image", "5"]) == 0  # test images 5-6: another run, other originals
+    split = sorted((tmp_path / "results").glob("*_from5_*dps.json"))
+    assert len(split) == 1 and io.read_json(split[0])["first_image"] == 5
+    assert io.read_json(split[0])["metrics"]["psnr"] != io.read_json(dps)["metrics"]["psnr"]
+    assert main([*common, "--first-image", "9999"]) == 2  # only one test image left from there
 
 
 @pytest.mark.parametrize("argv, message", [

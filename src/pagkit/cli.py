@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import guidance as G
+from .data import read_images
 from .layers import aliases, layers
 from .load import SCHEDULERS, load_model, load_scheduler, shipped_models
 from .restore import DEFAULT_STEP_SIZE, TASKS
@@ -234,14 +235,17 @@ def cmd_restore(args) -> None:
         raise ValueError("--degraded describes --input images; it does not go with --test-images")
     params = {name: getattr(args, option) for option, name in TASK_OPTIONS.items()}
     operator = R.make_operator(args.task, **params)
-    methods = {"dps": [], "dps+pag": [G.PAG(args.pag_scale, layers=args.pag_layers)]}
+    methods = {"dps": []}
+    if args.pag_scale != 0:  # 0: DPS alone (its rows are shared with later runs of other PAG settings)
+        methods["dps+pag"] = [G.PAG(args.pag_scale, layers=args.pag_layers)]
     out = Path(args.out)
     if args.test_images:
         rows = R.restore_eval(args.task, out, methods=methods, model=args.model, params=params,
                               num_images=args.test_images, step_size=args.step_size, num_inference_steps=args.steps,
                               scheduler=args.scheduler, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
                               classifier=args.classifier, num_real=args.num_real, device=args.device,
-                              max_new_shards=args.max_new_shards, progress=not args.quiet)
+                              max_new_shards=args.max_new_shards, first_image=args.first_image,
+                              progress=not args.quiet)
         if rows:
             print((out / "metrics.md").read_text())
             print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
@@ -252,7 +256,7 @@ def cmd_restore(args) -> None:
         GuidedDenoiser(model, terms, scheduler=scheduler)
     blank = torch.zeros(sample_shape(model, 1))
     size = operator(blank).shape[-2:] if args.degraded else blank.shape[-2:]
-    images = R.read_images(args.input, blank.shape[1], tuple(size)).to(args.device)
+    images = read_images(args.input, blank.shape[1], tuple(size)).to(args.device)
     restored, y, scores = R.restore_inputs(model, scheduler, operator, images, methods=methods,
                                            degraded=args.degraded, seed=args.seed, batch_size=args.batch_size,
                                            step_size=args.step_size, num_inference_steps=args.steps, eta=args.eta,
@@ -351,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="IMG", help="images (PNG) to degrade and restore")
     source.add_argument("--test-images", type=_positive_int, metavar="N",
-                        help="the first N Fashion-MNIST test images, with FD against the test set")
+                        help="N Fashion-MNIST test images (the first N, or from --first-image), with FD "
+                             "against the test set")
+    p.add_argument("--first-image", type=int, default=0, metavar="K",
+                   help="--test-images starts at test image K (default 0); choose settings on one split, "
+                        "report on another")
     p.add_argument("--degraded", action="store_true",
                    help="the --input images are already degraded by this task's operator (no PSNR/SSIM)")
     p.add_argument("--model", default=DEFAULT_UNCOND, help="shipped model name or diffusers folder")

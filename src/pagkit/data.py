@@ -77,3 +77,62 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
     if pad:
         images = F.pad(images, (2, 2, 2, 2), value=-1.0)
     return images, labels
+
+
+def read_images(paths: list[str | Path], channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """PNG (or any PIL) images as (N, channels, H, W) in [-1, 1], at ``size`` = (H, W).
+
+    Grayscale/RGB are converted to ``channels`` (1 or 3). A larger image is shrunk to fit
+    (box filter: the exact inverse of a nearest-neighbour upscale by an integer factor);
+    a smaller one is centred and padded with its own border pixels (28×28 Fashion-MNIST
+    → 32×32 as the data loader pads it).
+    """
+    from PIL import Image, ImageOps
+    if channels not in (1, 3):
+        raise ValueError(f"images can be read for 1- or 3-channel models, not {channels}")
+    h, w = size
+    out = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such input image: {path}")
+        try:
+            img = Image.open(path).convert("L" if channels == 1 else "RGB")
+        except OSError as err:
+            raise ValueError(f"cannot read image {path}: {err}") from None
+        if img.width > w or img.height > h:
+            img = ImageOps.contain(img, (w, h), method=Image.BOX)
+        arr = np.asarray(img, dtype=np.float32).reshape(img.height, img.width, channels)
+        top, left = (h - img.height) // 2, (w - img.width) // 2
+        arr = np.pad(arr, ((top, h - img.height - top), (left, w - img.width - left), (0, 0)), mode="edge")
+        out.append(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1)
+    return torch.stack(out)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_images(path: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A set of real images, (N, channels, H, W) in [-1, 1]: a folder of image files (read as
+    ``read_images`` does), or a .safetensors file whose ``images`` tensor already has that shape."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return read_images(files, channels, size)
+    if not path.is_file():
+        raise FileNotFoundError(f"no reference images at {path}: give a folder of images or a .safetensors file "
+                                "with an 'images' tensor")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: reference images are a folder of images or a .safetensors file")
+    from . import io
+    tensors = io.load_tensors(path)
+    if "images" not in tensors:
+        raise ValueError(f"{path} has no 'images' tensor (it has: {', '.join(sorted(tensors)) or 'nothing'})")
+    images = tensors["images"].float()
+    if images.ndim != 4 or tuple(images.shape[1:]) != (channels, *size):
+        raise ValueError(f"{path}: images of shape {tuple(images.shape)}; the model makes (N, {channels}, "
+                         f"{size[0]}, {size[1]})")
+    if not torch.isfinite(images).all() or images.min() < -1 or images.max() > 1:
+        raise ValueError(f"{path}: images must be finite and in [-1, 1] (the models' space)")
+    return images

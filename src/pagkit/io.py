@@ -40,6 +40,17 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def claim(path: str | Path, record: dict) -> dict | None:
+    """Write ``record`` to ``path`` if absent. Returns the other record if ``path`` holds a different one,
+    so that results made one way are never mixed with results made another (callers raise)."""
+    path = Path(path)
+    if path.is_file():
+        old = read_json(path)
+        return old if old != record else None
+    write_json(path, record)
+    return None
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:

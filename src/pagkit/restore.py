@@ -46,7 +46,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
@@ -404,8 +403,8 @@ def restore_eval(task: str, out: str | Path, *, methods: dict[str, list], model:
                  num_inference_steps: int = 50, scheduler: str = "ddim", eta: float = 1.0, seed: int = 0,
                  batch_size: int = 50, classifier: str | Path | None = None, num_real: int = 10000, data_dir=None,
                  device: str | torch.device = "cpu", grid_columns: int = 10, max_new_shards: int | None = None,
-                 progress: bool = True) -> list[dict]:
-    """Restore the first ``num_images`` Fashion-MNIST test images with each method; score and tabulate them.
+                 first_image: int = 0, progress: bool = True) -> list[dict]:
+    """Restore ``num_images`` Fashion-MNIST test images with each method; score and tabulate them.
 
     ``task``/``params``: the operator (``make_operator(task, **params)``). ``methods``: name → guidance
     terms, e.g. ``{"dps": [], "dps+pag": [PAG(3.0, layers="down.1.attentions.0")]}``; every method
@@ -414,6 +413,8 @@ def restore_eval(task: str, out: str | Path, *, methods: dict[str, list], model:
     ``classifier``: the feature classifier's folder (default: the shipped one); FD is against the
     first ``num_real`` test images. ``device``: where to restore (noise is drawn on the CPU either
     way). ``max_new_shards``: stop after that many new shards (a "kill", for tests).
+    ``first_image``: restore test images ``first_image`` … ``first_image + num_images − 1`` (a split kept
+    apart from the reported one, to choose settings on).
     Returns this run's result rows (empty if stopped).
     """
     from .data import load_fashion_mnist
@@ -430,14 +431,19 @@ def restore_eval(task: str, out: str | Path, *, methods: dict[str, list], model:
     if tuple(test_images.shape[1:]) != tuple(sample_shape(net, 1)[1:]):
         raise ValueError(f"the model takes {tuple(sample_shape(net, 1)[1:])} images; "
                          f"the test set's are {tuple(test_images.shape[1:])}")
-    if not 1 <= num_images <= len(test_images):
-        raise ValueError(f"num_images must be in 1..{len(test_images)}, got {num_images}")
-    originals = test_images[:num_images]
+    if not 0 <= first_image < len(test_images):
+        raise ValueError(f"first_image must be in 0..{len(test_images) - 1}, got {first_image}")
+    if not 1 <= num_images <= len(test_images) - first_image:
+        raise ValueError(f"num_images must be in 1..{len(test_images) - first_image} (from image {first_image}), "
+                         f"got {num_images}")
+    originals = test_images[first_image:first_image + num_images]
     run = re.sub(r"[^A-Za-z0-9.+_-]", "_", f"{Path(str(model)).name}_{_operator_tag(task, operator)}_{scheduler}"
-                 f"{num_inference_steps}-eta{eta:g}_z{step_size:g}_n{num_images}_seed{seed}")
+                 f"{num_inference_steps}-eta{eta:g}_z{step_size:g}_n{num_images}"
+                 f"{f'_from{first_image}' if first_image else ''}_seed{seed}")
     configs = {name: run_config(task, name, terms, step_size=step_size, scheduler=scheduler,
                                 steps=num_inference_steps, eta=eta, seed=seed, run=run, model=str(model),
-                                operator=dataclasses.asdict(operator), num_images=num_images, batch_size=batch_size)
+                                operator=dataclasses.asdict(operator), num_images=num_images, batch_size=batch_size,
+                                **({"first_image": first_image} if first_image else {}))
                for name, terms in methods.items()}
     for name, config in configs.items():
         _claim(out / "shards" / run / name, config)
@@ -495,15 +501,11 @@ def _result_path(out: Path, run: str, method: str) -> Path:
 
 def _claim(folder: Path, config: dict) -> None:
     """Record what makes the shards of ``folder``; refuse to mix them with another run's."""
-    path = folder / "config.json"
-    if path.is_file():
-        old = io.read_json(path)
-        if old != config:
-            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise ValueError(f"{folder} holds shards made with other settings ({', '.join(changed)}); "
-                             "choose another output folder")
-    else:
-        io.write_json(path, config)
+    old = io.claim(folder / "config.json", config)
+    if old is not None:
+        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise ValueError(f"{folder} holds shards made with other settings ({', '.join(changed)}); "
+                         "choose another output folder")
 
 
 def _scores(restored, originals, feature_net=None, reference=None) -> dict:
@@ -569,35 +571,6 @@ def write_tables(out: Path, results: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-
-def read_images(paths: list[str | Path], channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """PNG (or any PIL) images as (N, channels, H, W) in [-1, 1], at ``size`` = (H, W).
-
-    Grayscale/RGB are converted to ``channels`` (1 or 3). A larger image is shrunk to fit
-    (box filter: the exact inverse of a nearest-neighbour upscale by an integer factor);
-    a smaller one is centred and padded with its own border pixels (28×28 Fashion-MNIST
-    → 32×32 as the data loader pads it).
-    """
-    from PIL import Image, ImageOps
-    if channels not in (1, 3):
-        raise ValueError(f"images can be read for 1- or 3-channel models, not {channels}")
-    h, w = size
-    out = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no such input image: {path}")
-        try:
-            img = Image.open(path).convert("L" if channels == 1 else "RGB")
-        except OSError as err:
-            raise ValueError(f"cannot read image {path}: {err}") from None
-        if img.width > w or img.height > h:
-            img = ImageOps.contain(img, (w, h), method=Image.BOX)
-        arr = np.asarray(img, dtype=np.float32).reshape(img.height, img.width, channels)
-        top, left = (h - img.height) // 2, (w - img.width) // 2
-        arr = np.pad(arr, ((top, h - img.height - top), (left, w - img.width - left), (0, 0)), mode="edge")
-        out.append(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1)
-    return torch.stack(out)
 
 
 def restore_inputs(model, scheduler, operator: Operator, images: torch.Tensor, *, methods: dict[str, list],
