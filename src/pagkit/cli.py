@@ -212,7 +212,7 @@ def cmd_eval(args) -> None:
         GuidedDenoiser(model, config.terms(), scheduler=load_scheduler(args.model, args.scheduler))
     print(f"{len(configs)} configurations x {args.num_samples} samples -> {args.out}")
     sweep = Sweep(Path(args.out), configs, shard_size=args.shard_size, classifier=args.classifier,
-                  num_real=args.num_real, threads=args.threads, max_new_shards=args.max_new_shards,
+                  inception=args.inception, reference=args.reference, num_real=args.num_real, threads=args.threads, max_new_shards=args.max_new_shards,
                   progress=not args.quiet)
     rows = sweep.run()
     if rows:
@@ -340,7 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     p.add_argument("--steps", type=_positive_int, default=20)
     p.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
-    p.add_argument("--num-real", type=_positive_int, default=10000, help="test images used as the reference")
+    p.add_argument("--inception", default=None, metavar="WEIGHTS.safetensors",
+                   help="measure on FID InceptionV3 features instead (RGB models): torch-fidelity's "
+                        "weights-inception-2015-12-05 saved as safetensors")
+    p.add_argument("--reference", default=None, metavar="DIR|FILE.safetensors",
+                   help="real images to compare with: a folder of images or a safetensors 'images' tensor "
+                        "in [-1, 1] (default: the Fashion-MNIST test set)")
+    p.add_argument("--num-real", type=_positive_int, default=10000, help="reference images used (the first N)")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--max-new-shards", type=_positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True)

@@ -123,11 +123,27 @@ class Sweep:
     configs: list[EvalConfig]
     shard_size: int = 250
     classifier: str | None = None  # folder of the feature classifier (default: the shipped one)
+    inception: str | None = None  # FID InceptionV3 weights (.safetensors): its features instead of the classifier's
+    reference: str | None = None  # real images (folder or .safetensors); default: the Fashion-MNIST test set
     num_real: int = 10000
     threads: int | None = None
     max_new_shards: int | None = None  # stop after this many new shards (for tests: a "kill")
     progress: bool = True
     _models: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.inception:  # a missing file fails now, not after the sampling
+            from .inception import check_weights_path
+            check_weights_path(self.inception)
+        if self.reference and not Path(self.reference).exists():
+            raise FileNotFoundError(f"no reference images at {self.reference}: give a folder of images or a "
+                                    ".safetensors file with an 'images' tensor")
+
+    def feature_space(self) -> dict:
+        """What the metrics are measured on; one output folder holds one feature space."""
+        return {"features": f"inception:{Path(self.inception).name}" if self.inception
+                else f"classifier:{Path(self.classifier).name if self.classifier else 'fmnist-classifier'}",
+                "reference": str(self.reference) if self.reference else "fashion-mnist test", "num_real": self.num_real}
 
     def shard_path(self, config: EvalConfig, k: int) -> Path:
         return self.out / "shards" / config.key / f"{k:05d}.safetensors"
@@ -167,6 +183,7 @@ class Sweep:
         rank, world = _dist_rank_world()
         if self.threads:
             torch.set_num_threads(self.threads)
+        _claim_feature_space(self.out / "feature_space.json", self.feature_space())
         todo = [(c, k) for c in self.configs if not self.result_path(c).is_file()
                 for k in range(self.num_shards(c)) if not self.shard_path(c, k).is_file()]
         mine = todo[rank::world]
@@ -202,15 +219,27 @@ class Sweep:
         labelled_grid([(config.key[:32], images[:16])], self.out / "grids" / f"{config.key}.png", zoom=2)
 
     def _reference(self):
+        """(feature net, real features, real class histogram, real mean pixel), computed once."""
         if not hasattr(self, "_ref"):
-            from .data import load_fashion_mnist
-            from .metrics import load_classifier
-            classifier = load_classifier(self.classifier)
-            real, real_labels = load_fashion_mnist("test")
+            from .data import load_fashion_mnist, load_images
+            if self.inception:
+                from .inception import load_inception
+                net = load_inception(self.inception)
+            else:
+                from .metrics import load_classifier
+                net = load_classifier(self.classifier)
+            if self.reference:
+                model = self._model(self.configs[0].model)
+                size = model.config.sample_size
+                size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+                real, labels = load_images(self.reference, model.config.in_channels, size), None
+            else:
+                real, labels = load_fashion_mnist("test")
             real = real[:self.num_real]
-            feats, logits = _features_and_logits(classifier, real)
-            self._ref = (classifier, feats, torch.bincount(real_labels[:self.num_real], minlength=10).double(),
-                         real.mean().item())
+            feats, logits = _features_and_logits(net, real)
+            # the true labels where the classifier's classes are Fashion-MNIST's, else its predicted classes
+            classes = labels[:self.num_real] if labels is not None and not self.inception else logits.argmax(1)
+            self._ref = (net, feats, torch.bincount(classes, minlength=logits.shape[1]).double(), real.mean().item())
         return self._ref
 
     def metrics(self, images: torch.Tensor) -> dict:
@@ -220,13 +249,13 @@ class Sweep:
         from torchmetrics.image.inception import InceptionScore
         with torch.random.fork_rng():  # IS shuffles and KID draws subsets: fixed, so reruns give equal numbers
             torch.manual_seed(0)
-            is_metric = InceptionScore(feature=PassThrough(10), splits=10, sync_on_compute=False)
+            is_metric = InceptionScore(feature=PassThrough(logits.shape[1]), splits=10, sync_on_compute=False)
             is_metric.update(logits)
             is_mean, is_std = is_metric.compute()
             kid_mean, kid_std = kernel_distance(real_feats, feats, PassThrough(feats.shape[1]),
                                                 subset_size=min(1000, len(feats)))
         precision, recall = precision_recall(real_feats, feats, k=3)
-        hist = torch.bincount(logits.argmax(1), minlength=10).double()
+        hist = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double()
         p, q = hist / hist.sum(), real_hist / real_hist.sum()
         return {
             "fd": frechet_distance(real_feats, feats, PassThrough(feats.shape[1])),
@@ -250,9 +279,17 @@ def _config_dict(config: EvalConfig) -> dict:
 
 
 @torch.no_grad()
-def _features_and_logits(classifier, images: torch.Tensor):
-    feats = torch.cat([classifier.features(x) for x in images.float().split(1000)])
-    return feats, classifier.classify(feats)
+def _features_and_logits(net, images: torch.Tensor):
+    """``net``: the feature classifier or FID Inception (both have ``features`` and ``classify``)."""
+    feats = torch.cat([net.features(x) for x in images.float().split(1000)])
+    return feats, net.classify(feats)
+
+
+def _claim_feature_space(path: Path, space: dict) -> None:
+    old = io.claim(path, space)
+    if old is not None:
+        raise ValueError(f"{path.parent} holds results measured on {old}; this sweep measures on {space}: "
+                         "choose another --out")
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -319,7 +356,9 @@ def _plots(out: Path, flat: list[dict]) -> None:
         pts = ([(0.0, sum(baseline) / len(baseline))] if baseline else []) + pts
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xlabel("guidance scale (paper convention)")
-    ax.set_ylabel("FD (classifier features)")
+    space = out / "feature_space.json"
+    inception = space.is_file() and io.read_json(space)["features"].startswith("inception")
+    ax.set_ylabel(f"FD ({'Inception' if inception else 'classifier'} features)")
     if series:
         ax.legend(fontsize=6)
     _save_fig(fig, out / "plots" / "fd_vs_scale.png")
