@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=_finite, default=1.0, help="DDIM's η (default 1: ancestral, as DPS)")
     p.add_argument("--step-size", type=_finite, default=DEFAULT_STEP_SIZE,
                    help=f"DPS's ζ (default {DEFAULT_STEP_SIZE:g}; 0 = no data consistency)")
-    _pag_options(p, scale=2.0)  # the setting of the restoration table in docs/results.md
+    _pag_options(p, scale=1.0)  # the restoration table's setting, chosen by docs/tune_restore.py
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=50)
     p.add_argument("--noise-sigma", type=_finite, default=None, help="measurement noise σ_y (default 0.05)")
