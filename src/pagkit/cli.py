@@ -212,8 +212,8 @@ def cmd_eval(args) -> None:
         GuidedDenoiser(model, config.terms(), scheduler=load_scheduler(args.model, args.scheduler))
     print(f"{len(configs)} configurations x {args.num_samples} samples -> {args.out}")
     sweep = Sweep(Path(args.out), configs, shard_size=args.shard_size, classifier=args.classifier,
-                  inception=args.inception, reference=args.reference, num_real=args.num_real, threads=args.threads, max_new_shards=args.max_new_shards,
-                  progress=not args.quiet)
+                  inception=args.inception, reference=args.reference, num_real=args.num_real, threads=args.threads,
+                  max_new_shards=args.max_new_shards, progress=not args.quiet)
     rows = sweep.run()
     if rows:
         print((Path(args.out) / "results.md").read_text())
