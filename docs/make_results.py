@@ -74,7 +74,8 @@ TABLES = [
                    f"--scheduler {s} --steps {n} --num-samples 500 --seed-sets 0 --quiet --out {MAP}"
                    for s, n in (("ddim", 25), ("ddim", 50), ("ddpm", 100))]),
     dict(title="7. SEG and SAG over their axes; PAG guidance intervals; model strength",
-         note="Intervals are thirds of the trajectory (0 = pure noise). Model strength uses the training run's "
+         note="SEG layers: each self-attention layer alone. Intervals are thirds of the trajectory (0 = pure "
+              "noise). Model strength uses the training run's "
               "EMA checkpoints (runs/fmnist/ema-*pct, made by `pagkit train`).",
          commands=[f"pagkit eval --model fmnist --methods seg --scales 1,3,5 --layers {SEG_LAYERS} "
                    f"--seg-sigmas inf,2 {COMMON} --out {MAP}",
@@ -82,6 +83,9 @@ TABLES = [
                    f"--out {MAP}",
                    f"pagkit eval --model fmnist --methods pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
                    f"--intervals 0:0.34,0.33:0.67,0.66:1 {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods seg --scales {SEG_SCALE} --seg-sigmas inf --layers "
+                   "'down.1;down.2;mid;up.0.attentions.0;up.0.attentions.1;up.1.attentions.0;up.1.attentions.1' "
+                   f"{COMMON} --out {MAP}",
                    f"pagkit eval --model runs/fmnist/ema-50pct --methods none,pag --scales 3 --layers down.1 "
                    f"{COMMON} --out {MAP}",
                    f"pagkit eval --model runs/fmnist/ema-50pct --methods pag --scales {BEST_SCALE} "
