@@ -34,22 +34,16 @@ SEG_LAYERS = "mid"
 SEG_SCALE = "1"
 
 COMMON = "--num-samples 500 --seed-sets 0 --steps 20 --quiet"
+TABLE1_METHODS = (f"--methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS}",
+                  f"--methods seg --scales {SEG_SCALE} --layers {SEG_LAYERS} --seg-sigmas inf,2",
+                  "--methods sag --scales 0.75 --sag-layer mid")
 TABLES = [
     dict(title="1. Unconditional `fmnist`: the chosen configurations on fresh seeds",
          note="Mean ± spread (half the range) over seed sets 1 and 2, DDIM-20: first 500 samples per seed set, "
               "then the issue's 10,000 (one command per seed set, so two cores can share the work).",
-         commands=[
-             f"pagkit eval --model fmnist --methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
-             f"--num-samples 500 --seed-sets 1,2 --quiet --out {REPORT}",
-             f"pagkit eval --model fmnist --methods seg --scales {SEG_SCALE} --layers {SEG_LAYERS} --seg-sigmas inf,2 "
-             f"--num-samples 500 --seed-sets 1,2 --quiet --out {REPORT}",
-             f"pagkit eval --model fmnist --methods sag --scales 0.75 --sag-layer mid "
-             f"--num-samples 500 --seed-sets 1,2 --quiet --out {REPORT}"]
-         + [f"pagkit eval --model fmnist {methods} --num-samples 10000 --seed-sets {seeds} --quiet --out {REPORT}"
-            for methods in (f"--methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS}",
-                            f"--methods seg --scales {SEG_SCALE} --layers {SEG_LAYERS} --seg-sigmas inf,2",
-                            "--methods sag --scales 0.75 --sag-layer mid")
-            for seeds in (1, 2)],
+         commands=[f"pagkit eval --model fmnist {methods} --num-samples {n} --seed-sets {seeds} --quiet --out {REPORT}"
+                   for n, seed_sets in ((500, ("1,2",)), (10000, (1, 2)))
+                   for methods in TABLE1_METHODS for seeds in seed_sets],
          aggregate=True),
     dict(title="2. PAG scale sweeps on the best layers",
          note="Scale 0 is the unguided row.",
