@@ -32,11 +32,14 @@ BEST_LAYERS = "down.2"
 BEST_SCALE = "0.5"
 SEG_LAYERS = "mid"
 SEG_SCALE = "1"
+SAG_SCALE = "0.75"  # diffusers' default; no SAG scale helped on the map (table 7)
+ALL_LAYERS = "down.1;down.2;mid;up.0.attentions.0;up.0.attentions.1;up.1.attentions.0;up.1.attentions.1"
+THIRDS = "0:0.34,0.33:0.67,0.66:1"
 
 COMMON = "--num-samples 500 --seed-sets 0 --steps 20 --quiet"
 TABLE1_METHODS = (f"--methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS}",
                   f"--methods seg --scales {SEG_SCALE} --layers {SEG_LAYERS} --seg-sigmas inf,2",
-                  "--methods sag --scales 0.75 --sag-layer mid")
+                  f"--methods sag --scales {SAG_SCALE} --sag-layers mid")
 TABLES = [
     dict(title="1. Unconditional `fmnist`: the chosen configurations on fresh seeds",
          note="Mean ± spread (half the range) over seed sets 1 and 2, DDIM-20: first 500 samples per seed set, "
@@ -52,8 +55,7 @@ TABLES = [
     dict(title="3. Layer ablation: each self-attention layer alone, and groups (PAG s=3)",
          note="`down` = both encoder layers; `down.2,mid,up.0` = every 8×8 layer.",
          commands=[f"pagkit eval --model fmnist --methods none,pag --scales 3 --layers "
-                   "'down.1;down.2;mid;up.0.attentions.0;up.0.attentions.1;up.1.attentions.0;up.1.attentions.1;"
-                   f"down;down.2,mid,up.0' {COMMON} --out {MAP}"]),
+                   f"'{ALL_LAYERS};down;down.2,mid,up.0' {COMMON} --out {MAP}"]),
     dict(title="4. Perturbation ablation: identity vs uniform vs random mask vs logit noise",
          note="Same layer and scale; mask p=0.5 and noise std=1 are the PAG class defaults.",
          commands=[f"pagkit eval --model fmnist --methods pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
@@ -73,19 +75,29 @@ TABLES = [
               "EMA checkpoints (runs/fmnist/ema-*pct, made by `pagkit train`).",
          commands=[f"pagkit eval --model fmnist --methods seg --scales 1,3,5 --layers {SEG_LAYERS} "
                    f"--seg-sigmas inf,2 {COMMON} --out {MAP}",
-                   f"pagkit eval --model fmnist --methods sag --scales 0.3,0.75,1.5 --sag-layer mid {COMMON} "
+                   f"pagkit eval --model fmnist --methods sag --scales 0.3,0.75,1.5 --sag-layers mid {COMMON} "
                    f"--out {MAP}",
                    f"pagkit eval --model fmnist --methods pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
-                   f"--intervals 0:0.34,0.33:0.67,0.66:1 {COMMON} --out {MAP}",
+                   f"--intervals {THIRDS} {COMMON} --out {MAP}",
                    f"pagkit eval --model fmnist --methods seg --scales {SEG_SCALE} --seg-sigmas inf --layers "
-                   "'down.1;down.2;mid;up.0.attentions.0;up.0.attentions.1;up.1.attentions.0;up.1.attentions.1' "
-                   f"{COMMON} --out {MAP}",
+                   f"'{ALL_LAYERS}' {COMMON} --out {MAP}",
                    f"pagkit eval --model runs/fmnist/ema-50pct --methods none,pag --scales 3 --layers down.1 "
                    f"{COMMON} --out {MAP}",
                    f"pagkit eval --model runs/fmnist/ema-50pct --methods pag --scales {BEST_SCALE} "
                    f"--layers {BEST_LAYERS} {COMMON} --out {MAP}",
                    f"pagkit eval --model runs/fmnist/ema-25pct --methods none,pag --scales {BEST_SCALE} "
-                   f"--layers {BEST_LAYERS} {COMMON} --out {MAP}"]),
+                   f"--layers {BEST_LAYERS} {COMMON} --out {MAP}",
+                   # SEG and SAG over the same axes: intervals, model strength, and SAG's attention layer
+                   f"pagkit eval --model fmnist --methods seg --scales {SEG_SCALE} --seg-sigmas inf "
+                   f"--layers {SEG_LAYERS} --intervals {THIRDS} {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods sag --scales {SAG_SCALE} --sag-layers mid "
+                   f"--intervals {THIRDS} {COMMON} --out {MAP}",
+                   *(f"pagkit eval --model runs/fmnist/ema-{pct}pct --methods seg --scales {SEG_SCALE} "
+                     f"--seg-sigmas inf --layers {SEG_LAYERS} {COMMON} --out {MAP}" for pct in (25, 50)),
+                   *(f"pagkit eval --model runs/fmnist/ema-{pct}pct --methods sag --scales {SAG_SCALE} "
+                     f"--sag-layers mid {COMMON} --out {MAP}" for pct in (25, 50)),
+                   f"pagkit eval --model fmnist --methods sag --scales {SAG_SCALE} --sag-layers "
+                   f"{ALL_LAYERS.replace(';', ',')} {COMMON} --out {MAP}"]),
 ]
 
 
@@ -99,22 +111,20 @@ RESTORE_COMMANDS = (["python docs/tune_restore.py"]
 
 
 def _configs(command: str):
-    from pagkit.cli import _layer_list, build_parser
-    from pagkit.evaluate import expand
+    from pagkit.cli import build_parser, eval_configs
     args = build_parser().parse_args(shlex.split(command)[1:])
-    configs = expand(args.model, args.methods, scales=args.scales, cfg_scales=args.cfg_scales,
-                     layer_sets=[_layer_list(g) for g in args.layers.split(";")], perturbations=args.perturbations,
-                     sigmas=args.seg_sigmas, intervals=args.intervals, sag_layer=args.sag_layer,
-                     seed_sets=args.seed_sets, scheduler=args.scheduler, steps=args.steps,
-                     num_samples=args.num_samples)
+    configs = eval_configs(args)
     return Path(args.out), configs
 
 
 def _rows(table: dict) -> tuple[list[dict], list[str]]:
-    rows, missing = [], []
+    rows, missing, seen = [], [], set()
     for command in table["commands"]:
         out, configs = _configs(command)
         for config in configs:
+            if (out, config.key) in seen:  # a row two commands share (e.g. SAG s=0.75 on mid) is shown once
+                continue
+            seen.add((out, config.key))
             path = ROOT / out / "results" / f"{config.key}.json"
             if path.is_file():
                 rows.append(json.loads(path.read_text()))

@@ -8,7 +8,7 @@ from PIL import Image
 
 import models
 from pagkit import io
-from pagkit.cli import main
+from pagkit.cli import build_parser, eval_configs, main
 from pagkit.train import TrainConfig, train
 
 
@@ -39,11 +39,21 @@ def test_sample_command_writes_a_labelled_grid(model_dir, tmp_path, capsys):
     assert image.size == (label_width + 3 * (16 * zoom + pad) + pad, 4 * (16 * zoom + pad) + pad)
 
 
+def test_eval_sweeps_sag_over_its_layers_one_at_a_time():
+    args = build_parser().parse_args(["eval", "--methods", "none,sag", "--sag-layers", "down.1,mid", "--intervals",
+                                      "0:0.5,0.5:1", "--out", "unused"])
+    sag = [(c.layers, c.start, c.stop) for c in eval_configs(args) if c.method == "sag"]
+    assert sag == [(("down.1",), 0.0, 0.5), (("down.1",), 0.5, 1.0), (("mid",), 0.0, 0.5), (("mid",), 0.5, 1.0)]
+    old_spelling = build_parser().parse_args(["eval", "--methods", "sag", "--sag-layer", "mid", "--out", "unused"])
+    assert [c.layers for c in eval_configs(old_spelling)] == [("mid",)]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--model", "/no/such/model"], "model '/no/such/model' not found"),
     (["sample", "--steps", "-2"], "argument --steps: expected a positive integer, got -2"),
     (["sample", "--pag-layers", "mid_blok"], "unknown layer 'mid_blok'"),
     (["layers", "/no/such/model"], "not found"),
+    (["eval", "--methods", "sag", "--sag-layers", "mid,mid_blok", "--out", "unused"], "unknown layer 'mid_blok'"),
 ])
 def test_bad_input_is_one_line_exit_2_no_traceback(argv, message):
     result = subprocess.run([sys.executable, "-m", "pagkit.cli", *argv], capture_output=True, text=True)

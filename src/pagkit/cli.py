@@ -198,13 +198,19 @@ def _intervals(text: str) -> list[tuple[float, float]]:
     return out
 
 
+def eval_configs(args) -> list:
+    """The configurations an ``eval`` command line sweeps (also read back by docs/make_results.py)."""
+    from .evaluate import expand
+    return expand(args.model, args.methods, scales=args.scales, cfg_scales=args.cfg_scales,
+                  layer_sets=[_layer_list(group) for group in args.layers.split(";")],
+                  perturbations=args.perturbations, sigmas=args.seg_sigmas, intervals=args.intervals,
+                  sag_layers=args.sag_layers, seed_sets=args.seed_sets, scheduler=args.scheduler, steps=args.steps,
+                  num_samples=args.num_samples)
+
+
 def cmd_eval(args) -> None:
-    from .evaluate import Sweep, expand
-    configs = expand(args.model, args.methods, scales=args.scales, cfg_scales=args.cfg_scales,
-                     layer_sets=[_layer_list(group) for group in args.layers.split(";")],
-                     perturbations=args.perturbations, sigmas=args.seg_sigmas, intervals=args.intervals,
-                     sag_layer=args.sag_layer, seed_sets=args.seed_sets, scheduler=args.scheduler, steps=args.steps,
-                     num_samples=args.num_samples)
+    from .evaluate import Sweep
+    configs = eval_configs(args)
     from .denoise import GuidedDenoiser
     from .load import load_model
     model = load_model(args.model)
@@ -332,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer sets: ';' between sets, ',' within a set (e.g. 'down.1;mid;down.2,mid')")
     p.add_argument("--perturbations", type=lambda t: t.split(","), default=["identity"])
     p.add_argument("--seg-sigmas", type=_floats, default=[float("inf")])
-    p.add_argument("--sag-layer", default="mid")
+    p.add_argument("--sag-layers", "--sag-layer", dest="sag_layers", type=_layer_list, default=["mid"],
+                   help="SAG's attention layer; a comma-separated list sweeps one layer at a time")
     p.add_argument("--intervals", type=_intervals, default=[(0.0, 1.0)], help="start:stop fractions, e.g. 0:0.33")
     p.add_argument("--seed-sets", type=lambda t: [int(v) for v in t.split(",")], default=[0])
     p.add_argument("--num-samples", type=_positive_int, default=2000)

@@ -89,7 +89,7 @@ class EvalConfig:
 
 
 def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), layer_sets=(("mid",),),
-           perturbations=("identity",), sigmas=(math.inf,), intervals=((0.0, 1.0),), sag_layer="mid",
+           perturbations=("identity",), sigmas=(math.inf,), intervals=((0.0, 1.0),), sag_layers=("mid",),
            seed_sets=(0,), scheduler="ddim", steps=20, num_samples=2000) -> list[EvalConfig]:
     """The cartesian product of the sweep's axes, per method (only the axes a method has)."""
     base = EvalConfig(model=model, method="none", scheduler=scheduler, steps=steps, num_samples=num_samples)
@@ -102,8 +102,8 @@ def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), 
             elif method == "cfg":
                 configs += [replace(b, method="cfg", cfg_scale=w) for w in cfg_scales]
             elif method == "sag":
-                configs += [replace(b, method="sag", scale=s, layers=(sag_layer,), start=i[0], stop=i[1])
-                            for s in scales for i in intervals]
+                configs += [replace(b, method="sag", scale=s, layers=(L,), start=i[0], stop=i[1])
+                            for s in scales for L in sag_layers for i in intervals]
             elif method == "seg":
                 configs += [replace(b, method="seg", scale=s, layers=tuple(L), sigma=sig, start=i[0], stop=i[1])
                             for s in scales for L in layer_sets for sig in sigmas for i in intervals]
