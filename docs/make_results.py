@@ -70,9 +70,9 @@ TABLES = [
                    f"--scheduler {s} --steps {n} --num-samples 500 --seed-sets 0 --quiet --out {MAP}"
                    for s, n in (("ddim", 25), ("ddim", 50), ("ddpm", 100))]),
     dict(title="7. SEG and SAG over their axes; PAG guidance intervals; model strength",
-         note="SEG layers: each self-attention layer alone. Intervals are thirds of the trajectory (0 = pure "
-              "noise). Model strength uses the training run's "
-              "EMA checkpoints (runs/fmnist/ema-*pct, made by `pagkit train`).",
+         note="SEG and SAG layers: each self-attention layer alone (for SAG, the layer whose attention map makes "
+              "the blur mask). Intervals are thirds of the trajectory (0 = pure noise). Model strength uses the "
+              "training run's EMA checkpoints (runs/fmnist/ema-*pct, made by `pagkit train`).",
          commands=[f"pagkit eval --model fmnist --methods seg --scales 1,3,5 --layers {SEG_LAYERS} "
                    f"--seg-sigmas inf,2 {COMMON} --out {MAP}",
                    f"pagkit eval --model fmnist --methods sag --scales 0.3,0.75,1.5 --sag-layers mid {COMMON} "
