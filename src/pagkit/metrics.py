@@ -10,6 +10,8 @@ Images enter as float tensors in [-1, 1] (the diffusion models' space), (N, 1, 3
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -145,6 +147,14 @@ def _fill(metric, real: torch.Tensor | None, fake: torch.Tensor, chunk: int = 10
     return metric.compute()
 
 
+@contextmanager
+def _no_buffer_warning():
+    """torchmetrics warns that KID and IS keep every feature; ours are 128-d (a few MB at 10k), so hush it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Metric `.*` will save all extracted features", category=UserWarning)
+        yield
+
+
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module) -> float:
     """FD between two sets on ``extractor``'s features (torchmetrics' FID with a custom feature module).
 
@@ -159,15 +169,18 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module
     """KID (mean, std over random subsets) on ``extractor``'s features."""
     from torchmetrics.image.kid import KernelInceptionDistance
     subset_size = min(subset_size, len(real), len(fake))
-    mean, std = _fill(KernelInceptionDistance(feature=extractor, subset_size=subset_size, sync_on_compute=False),
-                      real, fake)
+    with _no_buffer_warning():
+        metric = KernelInceptionDistance(feature=extractor, subset_size=subset_size, sync_on_compute=False)
+    mean, std = _fill(metric, real, fake)
     return float(mean), float(std)
 
 
 def inception_score(fake: torch.Tensor, classifier: FashionClassifier, splits: int = 10) -> tuple[float, float]:
     """IS analogue: exp E_x KL(p(y|x) ‖ p(y)) with the classifier's class probabilities (at most 10)."""
     from torchmetrics.image.inception import InceptionScore
-    metric = InceptionScore(feature=FeatureExtractor(classifier, logits=True), splits=splits, sync_on_compute=False)
+    with _no_buffer_warning():
+        metric = InceptionScore(feature=FeatureExtractor(classifier, logits=True), splits=splits,
+                                sync_on_compute=False)
     for part in fake.split(1000):
         metric.update(part)
     mean, std = metric.compute()
