@@ -67,8 +67,7 @@ TABLES = [
          commands=[f"pagkit eval --model fmnist-cond --methods none,cfg,pag,cfg+pag --cfg-scales 1.5,3 "
                    f"--scales {BEST_SCALE} --layers {BEST_LAYERS} {COMMON} --out {MAP}"]),
     dict(title="6. Samplers: DDIM-20/25/50 against DDPM-100/250, best PAG configuration",
-         note="DDPM-250 costs 12.5× DDIM-20 per sample (about one core-hour for both rows); DDPM-100 stands "
-              "in until it is computed.",
+         note="DDPM-250 costs 12.5× DDIM-20 per sample (about one core-hour for both rows on one thread).",
          commands=[f"pagkit eval --model fmnist --methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
                    f"--scheduler {s} --steps {n} --num-samples 500 --seed-sets 0 --quiet --out {MAP}"
                    for s, n in (("ddim", 25), ("ddim", 50), ("ddpm", 100), ("ddpm", 250))]),
