@@ -243,15 +243,13 @@ class Sweep:
         return self._ref
 
     def metrics(self, images: torch.Tensor) -> dict:
-        from .metrics import PassThrough, frechet_distance, kernel_distance, precision_recall
+        from .metrics import (PassThrough, frechet_distance, inception_score_from_logits, kernel_distance,
+                              precision_recall)
         classifier, real_feats, real_hist, real_mean = self._reference()
         feats, logits = _features_and_logits(classifier, images)
-        from torchmetrics.image.inception import InceptionScore
         with torch.random.fork_rng():  # IS shuffles and KID draws subsets: fixed, so reruns give equal numbers
             torch.manual_seed(0)
-            is_metric = InceptionScore(feature=PassThrough(logits.shape[1]), splits=10, sync_on_compute=False)
-            is_metric.update(logits)
-            is_mean, is_std = is_metric.compute()
+            is_mean, is_std = inception_score_from_logits(logits, splits=10)
             kid_mean, kid_std = kernel_distance(real_feats, feats, PassThrough(feats.shape[1]),
                                                 subset_size=min(1000, len(feats)))
         precision, recall = precision_recall(real_feats, feats, k=3)
@@ -259,7 +257,7 @@ class Sweep:
         p, q = hist / hist.sum(), real_hist / real_hist.sum()
         return {
             "fd": frechet_distance(real_feats, feats, PassThrough(feats.shape[1])),
-            "kid": kid_mean, "kid_std": kid_std, "is": float(is_mean), "is_std": float(is_std),
+            "kid": kid_mean, "kid_std": kid_std, "is": is_mean, "is_std": is_std,
             "precision": precision, "recall": recall, "mean_pixel": images.mean().item(),
             "real_mean_pixel": real_mean, "class_histogram": [int(v) for v in hist.tolist()],
             "class_tv_distance": 0.5 * (p - q).abs().sum().item(), "n": len(images),

@@ -178,12 +178,16 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module
 
 def inception_score(fake: torch.Tensor, classifier: FashionClassifier, splits: int = 10) -> tuple[float, float]:
     """IS analogue: exp E_x KL(p(y|x) ‖ p(y)) with the classifier's class probabilities (at most 10)."""
+    extractor = FeatureExtractor(classifier, logits=True)
+    return inception_score_from_logits(torch.cat([extractor(part) for part in fake.split(1000)]), splits)
+
+
+def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """torchmetrics' ``InceptionScore`` (mean, std over ``splits``) on precomputed class logits."""
     from torchmetrics.image.inception import InceptionScore
     with _no_buffer_warning():
-        metric = InceptionScore(feature=FeatureExtractor(classifier, logits=True), splits=splits,
-                                sync_on_compute=False)
-    for part in fake.split(1000):
-        metric.update(part)
+        metric = InceptionScore(feature=PassThrough(logits.shape[1]), splits=splits, sync_on_compute=False)
+    metric.update(logits)
     mean, std = metric.compute()
     return float(mean), float(std)
 
