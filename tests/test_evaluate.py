@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from pagkit import io
-from pagkit.evaluate import Sweep, expand
+from pagkit.evaluate import Sweep, expand, fd_lines
 from pagkit.metrics import FashionClassifier
 from pagkit.train import unet_config
 
@@ -84,3 +84,24 @@ def test_two_process_torchrun_equals_one_process(assets, tmp_path):
                              "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _metrics(tmp_path / "two") == _metrics(tmp_path / "one")
+
+
+def _row(method, scale, fd, seed_set=0, **config):
+    row = dict(model="m", method=method, cfg_scale=1.0, scale=scale, layers="down.2" if scale else "",
+               perturbation="identity", sigma="inf", start=0.0, stop=1.0, scheduler="ddim", steps=20,
+               num_samples=500, seed_set=seed_set, fd=fd)
+    return {**row, **config}
+
+
+def test_fd_plot_lines_average_seed_sets_and_start_at_the_matching_baseline():
+    flat = [_row("none", 0, 10.0, 1), _row("none", 0, 12.0, 2),
+            _row("pag", 1, 8.0, 1), _row("pag", 1, 9.0, 2), _row("pag", 2, 7.0, 1),
+            _row("seg", 1, 5.0, sigma="2.0", layers="mid"), _row("seg", 1, 6.0, sigma="inf", layers="mid"),
+            _row("none", 0, 99.0, scheduler="ddpm", steps=100),  # another sampler: never a baseline here
+            _row("cfg", 0, 4.0, cfg_scale=3.0), _row("cfg+pag", 1, 3.0, cfg_scale=3.0)]
+    lines = fd_lines(flat)
+    assert lines["pag down.2"] == [(0.0, 11.0, 1.0), (1, 8.5, 0.5), (2, 7.0, 0.0)]
+    assert lines["seg mid σ=2.0"] == [(0.0, 11.0, 1.0), (1, 5.0, 0.0)]
+    assert lines["seg mid σ=inf"][1:] == [(1, 6.0, 0.0)]
+    assert lines["cfg+pag down.2 w=3"] == [(0.0, 4.0, 0.0), (1, 3.0, 0.0)]
+    assert len(lines) == 4

@@ -337,33 +337,84 @@ def write_tables(out: Path, rows: list[dict]) -> None:
     _plots(out, flat)
 
 
+# A line of the FD-vs-scale plot: everything but the scale and the seed set (seed sets are averaged).
+_LINE_KEYS = ("model", "method", "cfg_scale", "layers", "perturbation", "sigma", "start", "stop", "scheduler",
+              "steps", "num_samples")
+# Where a line's scale-0 point comes from: the unguided rows (for CFG+PAG: CFG alone) of the same sampling.
+_BASE_KEYS = ("model", "scheduler", "steps", "num_samples")
+
+
+def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
+    """label -> [(scale, mean FD over seed sets, spread = half the range)] for every guided configuration.
+
+    A line starts at scale 0 with the matching unguided rows when the sweep has them. Labels name only
+    what differs between the lines (layers, perturbation, σ, interval, w, sampler, N, model).
+    """
+    guided = [r for r in flat if r["method"] in ("pag", "seg", "sag", "cfg+pag")]
+    varies = {k for k in _LINE_KEYS if len({str(r[k]) for r in guided}) > 1}
+
+    def label(r: dict) -> str:
+        parts = [r["method"], r["layers"]]
+        if r["method"] == "pag" and r["perturbation"] != "identity":
+            parts.append(r["perturbation"])
+        if r["method"] == "seg":
+            parts.append(f"σ={r['sigma']}")
+        if (r["start"], r["stop"]) != (0.0, 1.0):
+            parts.append(f"t={r['start']:g}–{r['stop']:g}")
+        if r["method"] == "cfg+pag":
+            parts.append(f"w={r['cfg_scale']:g}")
+        if {"scheduler", "steps"} & varies:
+            parts.append(f"{r['scheduler']}-{r['steps']}")
+        if "num_samples" in varies:
+            parts.append(f"N={r['num_samples']}")
+        if "model" in varies:
+            parts.append(r["model"])
+        return " ".join(str(p) for p in parts if p)
+
+    def point(scale: float, rows: list[dict]) -> tuple[float, float, float]:
+        fds = [r["fd"] for r in rows]
+        return scale, sum(fds) / len(fds), (max(fds) - min(fds)) / 2
+
+    points: dict[tuple, list[dict]] = {}
+    for r in guided:
+        points.setdefault((label(r), r["scale"]), []).append(r)
+    lines: dict[str, list[tuple[float, float, float]]] = {}
+    for (name, scale), rows in points.items():
+        lines.setdefault(name, []).append(point(scale, rows))
+    for name, pts in lines.items():
+        r = next(r for r in guided if label(r) == name)
+        base_method, base_w = ("cfg", r["cfg_scale"]) if r["method"] == "cfg+pag" else ("none", 1.0)
+        base = [b for b in flat if b["method"] == base_method and b["cfg_scale"] == base_w
+                and all(b[k] == r[k] for k in _BASE_KEYS)]
+        pts.sort()
+        if base and pts[0][0] != 0:
+            pts.insert(0, point(0.0, base))
+    return lines
+
+
 def _plots(out: Path, flat: list[dict]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     (out / "plots").mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
-    baseline = [r["fd"] for r in flat if r["method"] == "none"]
-    series: dict[str, list] = {}
-    for r in flat:
-        if r["method"] in ("pag", "seg", "sag", "cfg+pag"):
-            label = f"{r['method']} {r['layers']} {r['perturbation'] if r['method'] == 'pag' else ''}".strip()
-            series.setdefault(label, []).append((r["scale"], r["fd"]))
-    for label, pts in series.items():
-        pts.sort()
-        pts = ([(0.0, sum(baseline) / len(baseline))] if baseline else []) + pts
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    lines = fd_lines(flat)
+    for name, pts in lines.items():
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=name)
     ax.set_xlabel("guidance scale (paper convention)")
     space = out / "feature_space.json"
     inception = space.is_file() and io.read_json(space)["features"].startswith("inception")
     ax.set_ylabel(f"FD ({'Inception' if inception else 'classifier'} features)")
-    if series:
-        ax.legend(fontsize=6)
+    ax.set_title("FD against scale (mean ± spread over seed sets)", fontsize=9)
+    if lines:  # outside the axes: a sweep over many layers has many lines
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
     _save_fig(fig, out / "plots" / "fd_vs_scale.png")
     fig, ax = plt.subplots(figsize=(5, 4))
     for r in flat:
         ax.scatter(r["recall"], r["precision"], s=12)
-        ax.annotate(f"{r['method']} {r['scale']:g}", (r["recall"], r["precision"]), fontsize=5)
+        ax.annotate(f"{r['method']} {r['layers']} {r['scale']:g}".replace("  ", " "), (r["recall"], r["precision"]),
+                    fontsize=5)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     _save_fig(fig, out / "plots" / "precision_recall.png")
