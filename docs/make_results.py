@@ -66,11 +66,16 @@ TABLES = [
          note="Classes cycle through 0–9 (balanced); ∅ = class 10. CFG w in diffusers' convention (1 = off).",
          commands=[f"pagkit eval --model fmnist-cond --methods none,cfg,pag,cfg+pag --cfg-scales 1.5,3 "
                    f"--scales {BEST_SCALE} --layers {BEST_LAYERS} {COMMON} --out {MAP}"]),
-    dict(title="6. Samplers: DDIM-20/25/50 against DDPM-100/250, best PAG configuration",
+    dict(title="6. Samplers: DDIM-20/25/50 against DDPM-100/250, best PAG configuration (and SEG under DDPM)",
          note="DDPM-250 costs 12.5× DDIM-20 per sample (about one core-hour for both rows on one thread).",
-         commands=[f"pagkit eval --model fmnist --methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
-                   f"--scheduler {s} --steps {n} --num-samples 500 --seed-sets 0 --quiet --out {MAP}"
-                   for s, n in (("ddim", 25), ("ddim", 50), ("ddpm", 100), ("ddpm", 250))]),
+         commands=[*(f"pagkit eval --model fmnist --methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS} "
+                     f"--scheduler {s} --steps {n} --num-samples 500 --seed-sets 0 --quiet --out {MAP}"
+                     for s, n in (("ddim", 25), ("ddim", 50), ("ddpm", 100), ("ddpm", 250))),
+                   # under DDPM: a smaller PAG scale, and SEG (the best DDIM-20 guidance)
+                   f"pagkit eval --model fmnist --methods pag --scales 0.25 --layers {BEST_LAYERS} --scheduler ddpm "
+                   f"--steps 100 --num-samples 500 --seed-sets 0 --quiet --out {MAP}",
+                   f"pagkit eval --model fmnist --methods seg --scales {SEG_SCALE} --seg-sigmas inf --layers "
+                   f"{SEG_LAYERS} --scheduler ddpm --steps 100 --num-samples 500 --seed-sets 0 --quiet --out {MAP}"]),
     dict(title="7. SEG and SAG over their axes; PAG guidance intervals; model strength",
          note="SEG and SAG layers: each self-attention layer alone (for SAG, the layer whose attention map makes "
               "the blur mask). Intervals are thirds of the trajectory (0 = pure noise). Model strength uses the "
