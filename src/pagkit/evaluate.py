@@ -337,21 +337,19 @@ def write_tables(out: Path, rows: list[dict]) -> None:
     _plots(out, flat)
 
 
-# A line of the FD-vs-scale plot: everything but the scale and the seed set (seed sets are averaged).
-_LINE_KEYS = ("model", "method", "cfg_scale", "layers", "perturbation", "sigma", "start", "stop", "scheduler",
-              "steps", "num_samples")
 # Where a line's scale-0 point comes from: the unguided rows (for CFG+PAG: CFG alone) of the same sampling.
+# A line's label names these only when they differ between the sweep's guided rows.
 _BASE_KEYS = ("model", "scheduler", "steps", "num_samples")
 
 
 def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     """label -> [(scale, mean FD over seed sets, spread = half the range)] for every guided configuration.
 
-    A line starts at scale 0 with the matching unguided rows when the sweep has them. Labels name only
-    what differs between the lines (layers, perturbation, σ, interval, w, sampler, N, model).
+    One line per configuration but its scale and seed set; it starts at scale 0 with the matching
+    unguided rows when the sweep has them. Sampler, N and model appear in a label only where they vary.
     """
     guided = [r for r in flat if r["method"] in ("pag", "seg", "sag", "cfg+pag")]
-    varies = {k for k in _LINE_KEYS if len({str(r[k]) for r in guided}) > 1}
+    varies = {k for k in _BASE_KEYS if len({r[k] for r in guided}) > 1}
 
     def label(r: dict) -> str:
         parts = [r["method"], r["layers"]]
@@ -376,16 +374,19 @@ def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
         return scale, sum(fds) / len(fds), (max(fds) - min(fds)) / 2
 
     points: dict[tuple, list[dict]] = {}
+    first: dict[str, dict] = {}  # a row of each line: what its baseline rows must match
     for r in guided:
-        points.setdefault((label(r), r["scale"]), []).append(r)
-    lines: dict[str, list[tuple[float, float, float]]] = {}
+        name = label(r)
+        points.setdefault((name, r["scale"]), []).append(r)
+        first.setdefault(name, r)
+    lines: dict[str, list[tuple[float, float, float]]] = {name: [] for name in first}
     for (name, scale), rows in points.items():
-        lines.setdefault(name, []).append(point(scale, rows))
-    for name, pts in lines.items():
-        r = next(r for r in guided if label(r) == name)
+        lines[name].append(point(scale, rows))
+    for name, r in first.items():
         base_method, base_w = ("cfg", r["cfg_scale"]) if r["method"] == "cfg+pag" else ("none", 1.0)
         base = [b for b in flat if b["method"] == base_method and b["cfg_scale"] == base_w
                 and all(b[k] == r[k] for k in _BASE_KEYS)]
+        pts = lines[name]
         pts.sort()
         if base and pts[0][0] != 0:
             pts.insert(0, point(0.0, base))
@@ -413,8 +414,8 @@ def _plots(out: Path, flat: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     for r in flat:
         ax.scatter(r["recall"], r["precision"], s=12)
-        ax.annotate(f"{r['method']} {r['layers']} {r['scale']:g}".replace("  ", " "), (r["recall"], r["precision"]),
-                    fontsize=5)
+        name = " ".join(p for p in (r["method"], r["layers"], f"{r['scale']:g}") if p)
+        ax.annotate(name, (r["recall"], r["precision"]), fontsize=5)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     _save_fig(fig, out / "plots" / "precision_recall.png")
