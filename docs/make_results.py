@@ -105,6 +105,16 @@ TABLES = [
                      f"--sag-layers mid {COMMON} --out {MAP}" for pct in (25, 50)),
                    f"pagkit eval --model fmnist --methods sag --scales {SAG_SCALE} --sag-layers "
                    f"{ALL_LAYERS.replace(';', ',')} {COMMON} --out {MAP}"]),
+    dict(title="9. The completed map: every self-attention site alone at small scales (PAG and SEG)",
+         note="Seed set 0, 500 samples per row, DDIM-20 (issue 22). Tables 2 and 3 tried small PAG scales on the "
+              "encoder layers only and every layer only at s = 3; here every site gets every small scale, SEG "
+              "(σ = ∞) gets the same sweep, and PAG s = 1 on `mid` is paired with each of its neighbours.",
+         commands=[f"pagkit eval --model fmnist --methods none,pag --scales 0.25,0.5,1,1.5,2 --layers '{ALL_LAYERS}' "
+                   f"{COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods seg --scales 0.5,1,2 --seg-sigmas inf "
+                   f"--layers '{ALL_LAYERS}' {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods pag --scales 1 --layers 'mid,down.2;mid,up.0.attentions.0' "
+                   f"{COMMON} --out {MAP}"]),
 ]
 
 
@@ -235,7 +245,8 @@ def main() -> int:
     chosen = None if args.tables is None else {int(v) for v in args.tables.split(",")}
     if args.run:
         from pagkit.cli import main as pagkit_main
-        jobs = [(n, t["commands"]) for n, t in enumerate(TABLES, start=1)] + [(len(TABLES) + 1, RESTORE_COMMANDS)]
+        # numbered as in the document: table 8 (restoration) is not one of TABLES
+        jobs = [(int(t["title"].split(".")[0]), t["commands"]) for t in TABLES] + [(8, RESTORE_COMMANDS)]
         for number, commands in jobs:
             if chosen is not None and number not in chosen:
                 continue

@@ -45,12 +45,13 @@ def test_identity_perturbation_matches_diffusers_pag_processor():
     """The perturbed slice computes exactly to_out(to_v(x)), as diffusers' PAGIdentitySelfAttnProcessor2_0."""
     from diffusers.models.attention_processor import PAGIdentitySelfAttnProcessor2_0
 
-    from pagkit.perturb import Identity, perturbed_self_attention
+    from pagkit.perturb import Identity
+    from pagkit.routing import perturbed_call
     unet = models.unet2d()
     attn = unet.mid_block.attentions[0]
     x = torch.randn(4, 32, 4, 4)
     expected = PAGIdentitySelfAttnProcessor2_0()(attn, x)  # rows 0:2 normal, rows 2:4 perturbed
-    ours = perturbed_self_attention(attn, x[2:], Identity())
+    ours = perturbed_call(attn, x[2:], Identity())
     torch.testing.assert_close(ours, expected[2:], rtol=0, atol=1e-6)
 
 

@@ -6,7 +6,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 import models
 import pagkit
-from pagkit.attach import Segment, routed
+from pagkit.routing import Segment, routed
 from pagkit.denoise import GuidedDenoiser
 
 NULL = 10

@@ -11,17 +11,20 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .attach import Segment, routed
+from .backends import detect
+from .batch import cat_rows
 from .guidance import CFG, SAG, GuidanceTerm, check_guidance, combine, rescale_guidance
 from .layers import resolve_layers
 from .perturb import Perturbation, gaussian_blur
 from .prefix import prefix_stages, shared_prefix
+from .routing import Segment, routed
 
 
 @dataclass
@@ -29,20 +32,6 @@ class Branch:
     name: str  # "uncond", "cond", or the key of a perturbed term
     conditioning: str  # which inputs it reads: "cond" or "uncond"
     perturbations: dict[str, Perturbation] = field(default_factory=dict)  # layer → perturbation
-
-
-def concat_inputs(per_branch: list, batch: int):
-    """Concatenate per-branch model inputs along the batch: tensors of batch size ``batch``, inside dicts/lists too."""
-    first = per_branch[0]
-    if torch.is_tensor(first):
-        if first.ndim > 0 and first.shape[0] == batch:
-            return torch.cat(per_branch)
-        return first
-    if isinstance(first, dict):
-        return {k: concat_inputs([d[k] for d in per_branch], batch) for k in first}
-    if isinstance(first, (list, tuple)):
-        return type(first)(concat_inputs([seq[i] for seq in per_branch], batch) for i in range(len(first)))
-    return first
 
 
 def output_tensor(out) -> torch.Tensor:
@@ -92,7 +81,7 @@ class NoiseSchedule:
 class GuidedDenoiser:
     """Guidance around a model: ``predict(x_t, t, cond, uncond, progress)`` returns ε̃ (in the model's output space).
 
-    ``model``: a diffusers UNet/transformer (or any module with diffusers ``Attention`` layers).
+    ``model``: a diffusers UNet or transformer of a family pagkit has a backend for (``pagkit.backends``).
     ``guidance``: a list of ``pagkit.CFG/PAG/SEG/SAG`` terms.
     ``scheduler``: needed for SAG only (x̂₀ and re-noising).
     ``guidance_rescale``: φ of Lin et al. (2023); 0 turns it off.
@@ -104,6 +93,7 @@ class GuidedDenoiser:
     def __init__(self, model, guidance=(), *, scheduler=None, guidance_rescale: float = 0.0, forward=None,
                  prefix_sharing: bool = True):
         self.model = model
+        self.backend = detect(model)  # one clear error for an unknown family, before any work
         self.prefix_sharing = prefix_sharing
         self.forward = forward if forward is not None else model
         self.terms: list[GuidanceTerm] = check_guidance(guidance)
@@ -178,13 +168,14 @@ class GuidedDenoiser:
         inputs = {"cond": cond, "uncond": uncond}
         b = x.shape[0]
         n = len(branches)
+        shared = self.backend.shared_inputs
         x_batch = x.repeat(n, *([1] * (x.ndim - 1))) if n > 1 else x
-        t_batch = concat_inputs([t] * n, b) if torch.is_tensor(t) else t
-        kwargs = concat_inputs([inputs[br.conditioning] for br in branches], b) if n > 1 else inputs["cond"]
+        t_batch = cat_rows([t] * n, b) if torch.is_tensor(t) else t
+        kwargs = cat_rows([inputs[br.conditioning] for br in branches], b, shared) if n > 1 else inputs["cond"]
         layer_names = sorted({name for br in branches for name in br.perturbations} |
                              ({self.sag_layer} if sag_scale is not None else set()))
-        with routed(self.model, layer_names) as router:
-            router.input_hw = tuple(x.shape[-2:])
+        with routed(self.model, layer_names, self.backend) as router:
+            router.info = self.backend.forward_info(self.model, x, cond)
             router.plan = [Segment(i * b, (i + 1) * b, br.perturbations)
                            for i, br in enumerate(branches) if br.perturbations]
             sag_ref = "uncond" if cfg_scale is not None else "cond"
@@ -197,7 +188,7 @@ class GuidedDenoiser:
         preds = dict(zip([br.name for br in branches], out.split(b)))
 
         channels = x.shape[1]
-        learned_sigma = out.shape[1] == 2 * channels and channels != out.shape[1]
+        learned_sigma = self.backend.learned_sigma(self.model) and out.shape[1] == 2 * channels
         eps = {k: v[:, :channels] for k, v in preds.items()} if learned_sigma else preds
         sag_term = 0.0
         if sag_scale is not None:
@@ -241,23 +232,30 @@ class GuidedModel(torch.nn.Module):
         self.uncond = uncond
         self.num_train_timesteps = num_train_timesteps or (
             scheduler.config.num_train_timesteps if scheduler is not None else 1000)
+        self._signature = inspect.signature(model.forward)
+        self._input_name = next(iter(self._signature.parameters))  # "sample" (UNets), "hidden_states", ...
+        self._var_keyword = next((n for n, p in self._signature.parameters.items() if p.kind == p.VAR_KEYWORD), None)
 
     @property
     def config(self):
         return self.model.config
 
-    def forward(self, sample, timestep, *args, progress: float | None = None, return_dict: bool = True, **kwargs):
-        if args:
-            raise TypeError("pass the model's conditioning inputs by keyword (e.g. encoder_hidden_states=...)")
+    def forward(self, *args, progress: float | None = None, return_dict: bool = True, **kwargs):
+        """Called as the wrapped model is called (its own argument names, e.g. ``hidden_states=``)."""
+        bound = self._signature.bind(*args, **kwargs)
+        inputs = dict(bound.arguments)
+        inputs.update(inputs.pop(self._var_keyword, None) or {})
+        inputs.pop("return_dict", None)
+        x, timestep = inputs.pop(self._input_name), inputs.pop("timestep")
         if progress is None:  # without a step index, read progress off the timestep: t = T → 0, t = 0 → 1
             t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            progress = 1.0 - t / self.num_train_timesteps
-        uncond = None if self.uncond is None else {**kwargs, **self.uncond}
-        out = self.denoiser.predict(sample, timestep, kwargs, uncond, progress)
+            progress = 1.0 - t * self.denoiser.backend.timestep_divisor / self.num_train_timesteps
+        uncond = None if self.uncond is None else {**inputs, **self.uncond}
+        out = self.denoiser.predict(x, timestep, inputs, uncond, progress)
         if not return_dict:
             return (out,)
-        from diffusers.models.unets.unet_2d import UNet2DOutput
-        return UNet2DOutput(sample=out)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        return Transformer2DModelOutput(sample=out)
 
 
 def guide(model, guidance, *, uncond: dict | None = None, scheduler=None, guidance_rescale: float = 0.0):

@@ -1,13 +1,15 @@
-"""Find a model's self-attention layers and resolve user layer selections.
+"""List a model's perturbable attention sites and resolve user layer selections.
 
-A layer's canonical name is its module path, e.g.
+The sites come from the model family's backend (``pagkit.backends``). A site's canonical name is its module
+path, e.g.
 ``mid_block.attentions.0.transformer_blocks.0.attn1``. A selection item is one of
 
 * an exact name;
 * a glob over names (``down_blocks.*.attentions.0*``);
 * a short alias matching *whole path segments*: ``mid``, ``down``, ``up``,
-  ``down.N``, ``up.N``, ``blocks.N`` (→ ``mid_block``, ``down_blocks.N``,
-  ``up_blocks.N``, ``transformer_blocks.N``). Any path segments may follow,
+  ``down.N``, ``up.N``, ``blocks.N``, ``single.N``, ``double.N`` (→ ``mid_block``,
+  ``down_blocks.N``, ``up_blocks.N``, ``transformer_blocks.N`` or HunyuanDiT's ``blocks.N``,
+  Flux's ``single_transformer_blocks.N``, its double-stream ``transformer_blocks.N``). Any path segments may follow,
   e.g. ``down.1.attentions.0``. ``blocks.1`` never selects ``blocks.10``: that
   regex-substring behaviour of diffusers is exactly what this module avoids.
 
@@ -21,7 +23,8 @@ import math
 from dataclasses import dataclass
 
 import torch.nn as nn
-from diffusers.models.attention_processor import Attention
+
+from .backends import Site, detect
 
 # first alias segment → the path segments it stands for
 ALIAS_SEGMENTS = {
@@ -29,57 +32,24 @@ ALIAS_SEGMENTS = {
     "down": ("down", "down_blocks"),
     "up": ("up", "up_blocks"),
     "blocks": ("blocks", "transformer_blocks"),
+    "single": ("single", "single_transformer_blocks"),
+    "double": ("double", "transformer_blocks"),
 }
 
 
 @dataclass(frozen=True)
 class LayerInfo:
     name: str
-    grid: tuple[int, int] | None  # token grid (H, W) at the model's configured sample size
+    grid: tuple[int, int] | None  # image token grid (H, W) at the model's configured sample size
     downsampling: int | None  # input pixels (or latents) per token along each axis
     heads: int
     channels: int
+    kind: str = "self"  # self | joint (text + image, one softmax) | single (one [text; image] stream)
 
 
-def is_self_attention(module: nn.Module) -> bool:
-    return isinstance(module, Attention) and not module.is_cross_attention and not module.only_cross_attention \
-        and getattr(module, "added_kv_proj_dim", None) is None
-
-
-def _forward_order(name: str) -> tuple:
-    """UNets register up_blocks before mid_block; list layers in the order the forward pass meets them."""
-    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(name.split(".")[0], 0)
-    return (rank,)
-
-
-def self_attention_modules(model: nn.Module) -> dict[str, Attention]:
-    found = [(name, m) for name, m in model.named_modules() if is_self_attention(m)]
-    return dict(sorted(found, key=lambda item: _forward_order(item[0])))  # stable: module order within a part
-
-
-def _downsampling_factors(model: nn.Module) -> dict[str, int]:
-    """Input size ÷ token-grid size for each self-attention layer (UNets by their samplers, transformers by patch)."""
-    factors: dict[str, int] = {}
-    config = getattr(model, "config", {})
-    if hasattr(model, "down_blocks") and hasattr(model, "up_blocks"):
-        f = 1
-        for i, block in enumerate(model.down_blocks):
-            factors[f"down_blocks.{i}."] = f
-            if getattr(block, "downsamplers", None) is not None:
-                f *= 2
-        factors["mid_block."] = f
-        for i, block in enumerate(model.up_blocks):
-            factors[f"up_blocks.{i}."] = f
-            if getattr(block, "upsamplers", None) is not None:
-                f //= 2
-    elif config.get("patch_size"):
-        factors[""] = int(config["patch_size"])
-    out = {}
-    for name in self_attention_modules(model):
-        matches = [p for p in factors if name.startswith(p)]
-        if matches:
-            out[name] = factors[max(matches, key=len)]
-    return out
+def sites(model: nn.Module) -> dict[str, Site]:
+    """The perturbable attention sites of ``model``, in forward order, by name."""
+    return {site.name: site for site in detect(model).sites(model)}
 
 
 def _sample_size(model: nn.Module) -> tuple[int, int] | None:
@@ -99,15 +69,10 @@ def grid_for(factor: int | None, height: int, width: int) -> tuple[int, int] | N
 
 
 def layers(model: nn.Module) -> list[LayerInfo]:
-    """Every self-attention layer of ``model``, in module order, with its token grid at the configured size."""
-    factors = _downsampling_factors(model)
+    """Every perturbable attention site of ``model``, in forward order, with its token grid at the configured size."""
     size = _sample_size(model)
-    infos = []
-    for name, m in self_attention_modules(model).items():
-        f = factors.get(name)
-        grid = grid_for(f, *size) if (f and size) else None
-        infos.append(LayerInfo(name, grid, f, m.heads, m.to_q.in_features))
-    return infos
+    return [LayerInfo(s.name, grid_for(s.downsampling, *size) if (s.downsampling and size) else None,
+                      s.downsampling, s.heads, s.channels, s.kind) for s in sites(model).values()]
 
 
 def _segment_match(pattern: list[str], path: list[str]) -> bool:
@@ -121,16 +86,18 @@ def _segment_match(pattern: list[str], path: list[str]) -> bool:
 
 def aliases(model: nn.Module) -> dict[str, list[str]]:
     """The short aliases that select something in ``model``, each with the layers it selects."""
-    names = list(self_attention_modules(model))
-    candidates = ["mid", "down", "up"]
+    names = list(sites(model))
+    two_streams = any("single_transformer_blocks" in n for n in names)  # Flux-style double + single blocks
+    candidates = ["mid", "down", "up"] + (["double", "single"] if two_streams else [])
     for name in names:
         parts = name.split(".")
-        for short, (_, long) in ALIAS_SEGMENTS.items():
+        for short, segments in ALIAS_SEGMENTS.items():
             if short == "blocks" and parts[0] in ("down_blocks", "mid_block", "up_blocks"):
                 continue  # inside a UNet, transformer_blocks.N is not a useful alias
-            if long in parts:
-                i = parts.index(long)
-                if i + 1 < len(parts) and parts[i + 1].isdigit() and short != "mid":
+            if short == "double" and not two_streams:
+                continue
+            for i, part in enumerate(parts[:-1]):
+                if part in segments and parts[i + 1].isdigit() and short != "mid":
                     candidates.append(f"{short}.{parts[i + 1]}")
     out = {}
     for alias in dict.fromkeys(candidates):
@@ -143,9 +110,9 @@ def aliases(model: nn.Module) -> dict[str, list[str]]:
 def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...]) -> list[str]:
     """Names of the self-attention layers that ``selection`` picks, in module order, without repeats."""
     items = [selection] if isinstance(selection, str) else list(selection)
-    names = list(self_attention_modules(model))
+    names = list(sites(model))
     if not names:
-        raise ValueError(f"{type(model).__name__} has no diffusers self-attention (Attention) modules to perturb")
+        raise ValueError(f"{type(model).__name__} has no perturbable attention sites")
     if not items:
         raise ValueError("no layers given; pass a layer name, a glob or an alias such as 'mid'")
     chosen: set[str] = set()
@@ -165,9 +132,11 @@ def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...
 
 def _unknown_layer_message(model: nn.Module, item: str, names: list[str]) -> str:
     module = dict(model.named_modules()).get(item)
-    if isinstance(module, Attention) and not is_self_attention(module):
-        return (f"layer {item!r} is a cross-attention layer; pagkit perturbs self-attention only. "
-                f"Self-attention layers: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")
+    if module is not None and any(hasattr(module, a) for a in ("to_q", "to_k", "processor")):
+        what = "a cross-attention layer" if getattr(module, "is_cross_attention", False) else \
+            "not a perturbable site (text-only or cross-attention)"
+        return (f"layer {item!r} is {what}; pagkit perturbs attention over image tokens. "
+                f"Sites: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")
     vocabulary = names + list(aliases(model))
     close = difflib.get_close_matches(item, vocabulary, n=5, cutoff=0.3)
     if not close:

@@ -1,7 +1,9 @@
-"""What a perturbed self-attention computes.
+"""What a perturbed attention computes: pure maths on (q, k, v, token layout), no model code.
 
-Self-attention is softmax(QKᵀ/√d)·V. Each perturbation here replaces one part of
-it, on the batch rows routed to it (see ``attach.py``):
+Attention is softmax(QKᵀ/√d)·V over a sequence that holds image tokens, and for
+joint (MMDiT) and single-stream sites text tokens too. ``routing.py`` hands the
+q, k, v that the model's own processor built (after its QK-norm and RoPE) to a
+``Perturbation`` for the perturbed rows only:
 
 ==============  =====================================================================
 ``identity``    PAG: the attention map is the identity, so the output is V.
@@ -14,9 +16,11 @@ it, on the batch rows routed to it (see ``attach.py``):
 ``noise``       PAG ablation: Gaussian noise of std ``std`` added to the logits.
 ==============  =====================================================================
 
-``perturbed_self_attention`` mirrors diffusers' ``AttnProcessor2_0`` step by step
-(spatial norm, group norm, Q/K/V, q/k norms, output projection, residual, rescale)
-so that a perturbation changes exactly one thing.
+On a joint sequence the perturbation acts on the image→image block only (diffusers'
+SD3 convention): image queries attend, among image tokens, only as the perturbation
+says (identity: only to themselves), keep their attention to every text token, and
+text queries are untouched. ``Identity(strict=True)`` is the strict alternative: the
+image tokens' output is their own V. SEG blurs image queries only, over the image grid.
 """
 from __future__ import annotations
 
@@ -66,30 +70,139 @@ def gaussian_blur(img: torch.Tensor, sigma: float, kernel_size: int | None = Non
     return out
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the image tokens of one attention call sit in its sequence, and their grid.
+
+    ``image``: the positions [start, stop) of the image tokens; every other position is text (or
+    another non-image stream). ``grid``: (H, W) of the image tokens, row-major, where known.
+    """
+
+    length: int
+    image: tuple[int, int]
+    grid: tuple[int, int] | None = None
+
+    @classmethod
+    def self_attention(cls, length: int, grid: tuple[int, int] | None = None) -> "TokenLayout":
+        return cls(length, (0, length), grid)
+
+    @property
+    def is_self(self) -> bool:
+        return self.image == (0, self.length)
+
+    @property
+    def num_image(self) -> int:
+        return self.image[1] - self.image[0]
+
+    def text_index(self, device=None) -> torch.Tensor:
+        a, b = self.image
+        return torch.cat([torch.arange(0, a, device=device), torch.arange(b, self.length, device=device)])
+
+
+def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """An SDPA mask as an additive float mask (bool: True = attend)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _take(mask: torch.Tensor | None, dim: int, index) -> torch.Tensor | None:
+    """Rows (dim=-2) or columns (dim=-1) of a broadcastable mask; a size-1 axis stays as it is."""
+    if mask is None or mask.shape[dim] == 1:
+        return mask
+    if isinstance(index, tuple):
+        return mask.narrow(dim, index[0], index[1] - index[0])
+    return mask.index_select(dim, index.to(mask.device))
+
+
+def _own_key_entries(mask: torch.Tensor) -> torch.Tensor:
+    """The (query i, key i) entries of a broadcastable image×image mask, shaped (…, N or 1, 1)."""
+    if mask.shape[-2] > 1 and mask.shape[-1] > 1:
+        return mask.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    return mask.transpose(-1, -2) if mask.shape[-1] > 1 else mask
+
+
+def sdpa(q, k, v, attn_mask=None, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
 @dataclass
 class Perturbation:
-    """Base class. ``needs_qk`` is False when the output depends on V alone (no Q, K or softmax is computed)."""
+    """Base class: what replaces softmax(QKᵀ/√d)·V on the perturbed rows.
 
-    needs_qk = True
+    ``attend(q, k, v, layout, attn_mask, scale)`` takes (B, heads, S, d) tensors as SDPA does.
+    Subclasses say how the image→image block changes; on a joint sequence the text queries and the
+    image queries' attention to text are kept, as the module docstring says.
+    """
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, grid: tuple[int, int] | None,
-               scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+               attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+        if layout.is_self:
+            return self.attend_image(q, k, v, layout.grid, attn_mask, scale)
+        a, b = layout.image
+        text = layout.text_index(q.device)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        # text queries: untouched
+        out[:, :, text] = sdpa(q[:, :, text], k, v, _take(attn_mask, -2, text), scale)
+        out[:, :, a:b] = self.attend_joint_image(q, k, v, layout, _take(attn_mask, -2, (a, b)), scale)
+        return out
+
+    def attend_image(self, q, k, v, grid, attn_mask, scale):
+        """Self-attention among image tokens only."""
+        raise NotImplementedError
+
+    def attend_joint_image(self, q, k, v, layout, attn_mask, scale):
+        """Outputs of the image queries of a joint sequence (``attn_mask``: the image query rows)."""
+        a, b = layout.image
+        bias = self.image_bias((q.shape[0], q.shape[1], b - a, b - a), q)
+        full = _additive(attn_mask, q.dtype)
+        if full is None:
+            full = q.new_zeros(1, 1, 1, layout.length)
+        full = full.expand(*full.shape[:-2], b - a, layout.length).clone()
+        full[..., a:b] = full[..., a:b] + bias
+        return sdpa(q[:, :, a:b], k, v, full, scale)
+
+    def image_bias(self, shape, like: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 @dataclass
 class Identity(Perturbation):
-    """PAG: softmax(QKᵀ/√d) → I, so the output is V."""
+    """PAG: softmax(QKᵀ/√d) → I, so the output is V.
 
-    needs_qk = False
+    On a joint sequence (default): each image query attends, among image tokens, only to itself, and still to
+    every text token (diffusers' SD3 PAG convention). ``strict=True``: an image token's output is its own V.
+    """
 
-    def attend(self, q, k, v, grid, scale, attention_mask):
+    strict: bool = False
+
+    def attend_image(self, q, k, v, grid, attn_mask, scale):
         return v
+
+    def attend_joint_image(self, q, k, v, layout, attn_mask, scale):
+        a, b = layout.image
+        qi, vi = q[:, :, a:b], v[:, :, a:b]
+        if self.strict:
+            return vi
+        # softmax over {own key} ∪ {text keys}: O(N·T), never the N×N image block
+        text = layout.text_index(q.device)
+        s = scale if scale is not None else q.shape[-1] ** -0.5
+        own = (qi * k[:, :, a:b]).sum(-1, keepdim=True) * s  # (B, H, N, 1)
+        to_text = qi @ k[:, :, text].transpose(-1, -2) * s  # (B, H, N, T)
+        mask = _additive(attn_mask, q.dtype)
+        if mask is not None:  # its rows are the image queries already
+            own = own + _own_key_entries(_take(mask, -1, (a, b)))
+            to_text = to_text + _take(mask, -1, text)
+        weights = torch.softmax(torch.cat([own, to_text], dim=-1).float(), dim=-1).to(v.dtype)
+        return weights[..., :1] * vi + weights[..., 1:] @ v[:, :, text]
 
 
 @dataclass
 class QueryBlur(Perturbation):
-    """SEG: blur Q with a Gaussian of width ``sigma`` over the H×W token grid; σ = ∞ (or > 9999) → mean query."""
+    """SEG: blur Q with a Gaussian of width ``sigma`` over the H×W token grid; σ = ∞ (or > 9999) → mean query.
+
+    On a joint sequence only the image queries are blurred (over the image grid); they still attend to every key.
+    """
 
     sigma: float = float("inf")
 
@@ -106,9 +219,12 @@ class QueryBlur(Perturbation):
         img = gaussian_blur(img, self.sigma)
         return img.reshape(b, heads, d, n).permute(0, 1, 3, 2)
 
-    def attend(self, q, k, v, grid, scale, attention_mask):
-        q = self.blur_queries(q, grid)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
+    def attend_image(self, q, k, v, grid, attn_mask, scale):
+        return sdpa(self.blur_queries(q, grid), k, v, attn_mask, scale)
+
+    def attend_joint_image(self, q, k, v, layout, attn_mask, scale):
+        a, b = layout.image
+        return sdpa(self.blur_queries(q[:, :, a:b], layout.grid), k, v, attn_mask, scale)
 
 
 @dataclass
@@ -120,7 +236,7 @@ class Uniform(QueryBlur):
 
 @dataclass
 class _RandomLogitBias(Perturbation):
-    """Attention with a random additive bias on the logits, drawn from a seeded CPU generator."""
+    """Attention with a random additive bias on the image→image logits, drawn from a seeded CPU generator."""
 
     seed: int = field(default=0, kw_only=True)
     generator: torch.Generator | None = field(default=None, repr=False, compare=False, kw_only=True)
@@ -128,13 +244,16 @@ class _RandomLogitBias(Perturbation):
     def bias(self, shape: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
 
-    def attend(self, q, k, v, grid, scale, attention_mask):
+    def image_bias(self, shape, like):
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        bias = self.bias((q.shape[0], q.shape[1], q.shape[2], k.shape[-2])).to(q)
-        if attention_mask is not None:
-            bias = bias + attention_mask
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return self.bias(shape).to(like)
+
+    def attend_image(self, q, k, v, grid, attn_mask, scale):
+        bias = self.image_bias((q.shape[0], q.shape[1], q.shape[2], k.shape[-2]), q)
+        if attn_mask is not None:
+            bias = bias + _additive(attn_mask, q.dtype)
+        return sdpa(q, k, v, bias, scale)
 
 
 @dataclass
@@ -185,48 +304,3 @@ def _grid_or_square(grid: tuple[int, int] | None, n: int) -> tuple[int, int]:
         raise ValueError(f"cannot tell the token grid of a self-attention layer with {n} tokens "
                          f"(recorded grid: {grid}); SEG's blur needs the real H×W")
     return side, side
-
-
-def perturbed_self_attention(attn, hidden_states: torch.Tensor, perturbation: Perturbation,
-                             grid: tuple[int, int] | None = None, attention_mask: torch.Tensor | None = None,
-                             temb: torch.Tensor | None = None) -> torch.Tensor:
-    """diffusers ``AttnProcessor2_0`` for self-attention, with the attention step replaced by ``perturbation``."""
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch, channel, height, width = hidden_states.shape
-        grid = (height, width)
-        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-    batch, n_tokens, _ = hidden_states.shape
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, n_tokens, batch)
-        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-    value = attn.to_v(hidden_states)
-    head_dim = value.shape[-1] // attn.heads
-    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    query = key = None
-    if perturbation.needs_qk:
-        query = attn.to_q(hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = attn.to_k(hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-    else:
-        query = value  # only its shape is read
-    # scale=None: SDPA's default 1/√d, exactly as AttnProcessor2_0 does
-    out = perturbation.attend(query, key, value, grid, None, attention_mask)
-
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(value.dtype)
-    out = attn.to_out[0](out)
-    out = attn.to_out[1](out)
-    if input_ndim == 4:
-        out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor

@@ -17,21 +17,9 @@ from contextlib import contextmanager
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from .batch import split_rows
 from .denoise import GuidedDenoiser
 from .guidance import CFG, check_guidance
-
-
-def _halves(value, batch: int, half: int):
-    """(uncond, cond) halves of a CFG-batched input, inside dicts and sequences too."""
-    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-        return value[:half], value[half:]
-    if isinstance(value, dict):
-        pairs = {k: _halves(v, batch, half) for k, v in value.items()}
-        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
-    if isinstance(value, (list, tuple)):
-        pairs = [_halves(v, batch, half) for v in value]
-        return type(value)(p[0] for p in pairs), type(value)(p[1] for p in pairs)
-    return value, value
 
 
 # Pipelines whose CFG batch puts the conditional half first (diffusers' DiT); all others put ∅ first.
@@ -53,13 +41,20 @@ def _pipeline_cfg_scale(pipe, call_args: dict) -> float | None:
         return float(w) if w is not None and w > 1.0 else None
 
 
-def _progress(pipe, timestep) -> float:
-    t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+def _progress(pipe, timestep, divisor: float = 1.0) -> float:
+    """Step index ÷ number of steps, found by the scheduler's own timesteps (flow-matching ones too).
+
+    ``divisor``: what the pipeline divided the scheduler's timestep by before calling the model (Flux: 1000).
+    """
+    t = (float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)) * divisor
     timesteps = getattr(pipe.scheduler, "timesteps", None)
     if timesteps is not None and len(timesteps):
         hits = (timesteps.float() - t).abs().argmin()
-        if float((timesteps[hits].float() - t).abs()) < 1e-4:
+        if float((timesteps[hits].float() - t).abs()) < 1e-3 * max(1.0, abs(t)):
             return int(hits) / len(timesteps)
+        step = getattr(pipe.scheduler, "step_index", None)
+        if step is not None:
+            return min(int(step), len(timesteps) - 1) / len(timesteps)
     return 1.0 - t / pipe.scheduler.config.get("num_train_timesteps", 1000)
 
 
@@ -113,12 +108,13 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         return_dict = inputs.pop("return_dict", True)
         first = next(iter(signature.parameters))  # "sample" (UNets) or "hidden_states" (transformers)
         x, t = inputs.pop(first), inputs.pop("timestep")
-        progress = _progress(pipe, t)
+        progress = _progress(pipe, t, denoiser.backend.timestep_divisor)
         w = _pipeline_cfg_scale(pipe, call_args)
         if w is not None and x.shape[0] % 2 == 0:
             half = x.shape[0] // 2
-            inputs_a, inputs_b = _halves(inputs, x.shape[0], half)  # the two halves of the CFG batch
-            t_a, t_b = _halves(t, x.shape[0], half)
+            shared = denoiser.backend.shared_inputs
+            inputs_a, inputs_b = split_rows(inputs, x.shape[0], [half, half], shared)  # the CFG batch's halves
+            t_a, t_b = split_rows(t, x.shape[0], [half, half])
             if cond_first:
                 out = denoiser.predict(x[:half], t_a, inputs_a, inputs_b, progress, external_cfg=w)
                 out = torch.cat(out.chunk(2)[::-1])  # predict returns [ε_u, ε_c']; this pipeline wants [ε_c', ε_u]

@@ -3,7 +3,8 @@
 The batch of one guided step is ``[uncond?, cond, perturbed_1, …]``, and every
 perturbed branch reads exactly the conditional inputs. So every *stage* of the
 model before the first perturbed layer (``conv_in``, the down blocks before it;
-the patch embedding and the transformer blocks before it) computes the same rows
+the patch embedding and the transformer blocks before it; the stages come from the
+family's backend) computes the same rows
 for ``cond`` and for each perturbed branch. While ``shared_prefix`` is open those
 stages run on the unperturbed rows only and their outputs are copied into the
 perturbed rows. The model's own forward runs unchanged around them, so skip
@@ -23,25 +24,15 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from .backends import detect
+from .batch import map_rows
+
 _warned: set[str] = set()
 
 
-def stages(model: nn.Module) -> list[str] | None:
-    """The model's top-level stages in forward order, or None if pagkit does not know its layout."""
-    if all(hasattr(model, a) for a in ("conv_in", "down_blocks", "up_blocks")):
-        names = ["conv_in"] + [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-        if getattr(model, "mid_block", None) is not None:
-            names.append("mid_block")
-        return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
-    if hasattr(model, "transformer_blocks"):
-        embed = [n for n in ("pos_embed", "proj_in") if getattr(model, n, None) is not None][:1]
-        return embed + [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
-    return None
-
-
 def prefix_stages(model: nn.Module, perturbed_layers: list[str]) -> list[str]:
-    """The stages that run before the first perturbed layer ([] if none, or the layout is unknown)."""
-    order = stages(model)
+    """The stages that run before the first perturbed site ([] if none, or the family has no stage list)."""
+    order = detect(model).stages(model)
     if order is None:
         name = type(model).__name__
         if name not in _warned:
@@ -54,34 +45,26 @@ def prefix_stages(model: nn.Module, perturbed_layers: list[str]) -> list[str]:
     return order[:first] if first is not None else []
 
 
-def _rows(value, index: torch.Tensor, batch: int, shared: int, take: bool):
-    """Slice per-sample tensors of size ``batch`` to the first ``shared`` rows (take) or expand them back."""
-    if torch.is_tensor(value):
-        if take and value.ndim > 0 and value.shape[0] == batch:
-            return value[:shared]
-        if not take and value.ndim > 0 and value.shape[0] == shared:
-            return value.index_select(0, index.to(value.device))
-        return value
-    if isinstance(value, dict):
-        return {k: _rows(v, index, batch, shared, take) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_rows(v, index, batch, shared, take) for v in value)
-    if hasattr(value, "to_tuple") and hasattr(value, "keys"):  # diffusers BaseOutput
-        return type(value)(**{k: _rows(value[k], index, batch, shared, take) for k in value.keys()})
-    return value
-
-
 @contextmanager
 def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, source_rows: list[int]
                   ) -> Iterator[None]:
     """Run ``stage_names`` on the first ``shared_rows`` rows; row r ≥ shared_rows copies row ``source_rows[r]``.
 
     ``source_rows`` lists, for the whole batch, which shared row each row equals
-    (``source_rows[r] == r`` for the shared rows themselves).
+    (``source_rows[r] == r`` for the shared rows themselves). Inputs the family's backend lists as shared
+    (rotary tables, position ids) pass through whole.
     """
+    shared = detect(model).shared_inputs
     modules = dict(model.named_modules())
     index = torch.tensor(source_rows, dtype=torch.long)
     batch = len(source_rows)
+
+    def take(value):
+        return map_rows(value, batch, lambda v: v[:shared_rows], shared)
+
+    def expand(value):
+        return map_rows(value, shared_rows, lambda v: v.index_select(0, index.to(v.device)), shared)
+
     patched = []
     try:
         for name in stage_names:
@@ -89,9 +72,7 @@ def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, so
             original = module.forward
 
             def forward(*args, __original=original, **kwargs):
-                args = _rows(args, index, batch, shared_rows, take=True)
-                kwargs = _rows(kwargs, index, batch, shared_rows, take=True)
-                return _rows(__original(*args, **kwargs), index, batch, shared_rows, take=False)
+                return expand(__original(*take(args), **take(kwargs)))
 
             had_own = "forward" in vars(module)
             module.forward = forward

@@ -13,20 +13,13 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from .backends import detect
 from .denoise import GuidedDenoiser
 
 
 def sample_shape(model, batch_size: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
-    config = model.config
-    size = config.get("sample_size")
-    if isinstance(size, int):
-        size = (size, size)
-    if height is None or width is None:
-        if size is None:
-            raise ValueError("the model's config has no sample_size; pass height= and width=")
-        height, width = height or size[0], width or size[1]
-    channels = config.get("in_channels")
-    return (batch_size, channels, height, width)
+    """The shape of x_t for ``model`` (its family's backend knows it), at its configured size by default."""
+    return detect(model).sample_shape(model, batch_size, height, width)
 
 
 def initial_noise(model, batch_size: int, generator: torch.Generator | None = None,

@@ -1,0 +1,134 @@
+"""Architecture families: everything pagkit knows about one kind of model lives in one file here.
+
+A backend says, for its family:
+
+* which attention computations are **sites** that can be perturbed, with their kind
+  (``self``: image tokens only; ``joint``: text and image tokens in one softmax, separate
+  projections; ``single``: one [text; image] sequence through one block);
+* where the image tokens sit in each site's sequence, and their grid (``layout``);
+* the **stages** that prefix sharing may run once for the conditional and perturbed rows;
+* which model inputs are **not** per sample (rotary tables, position ids), so nothing is
+  sliced or concatenated by a guess on its shape;
+* the call convention and the sample shape.
+
+How a perturbed attention is computed is the same for every family: the model's own
+processor runs (its QK-norm and RoPE included), and ``routing.py`` replaces the
+scaled-dot-product attention it calls, on the perturbed rows only. Adding a family is
+one new file with a ``Backend`` subclass, registered with ``@register``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..perturb import TokenLayout
+
+SITE_KINDS = ("self", "joint", "single")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One perturbable attention computation.
+
+    ``downsampling``: input pixels (or latent cells) per image token along each axis, so the image grid of a
+    forward is ceil(H/f) × ceil(W/f) of the grid ``Backend.forward_info`` reports. ``image_first``: on a joint or
+    single-stream site, whether the image tokens come before the text tokens in the sequence.
+    """
+
+    name: str
+    kind: str
+    heads: int
+    channels: int
+    downsampling: int | None = 1
+    image_first: bool = True
+
+
+@dataclass
+class ForwardInfo:
+    """What one forward's inputs say about token layouts: the image grid (in the units sites divide by)."""
+
+    hw: tuple[int, int] | None = None
+    text_tokens: int | None = None
+
+
+class Backend:
+    """Base class of a family. Subclasses set ``name``/``model_classes`` and override what differs."""
+
+    name = "base"
+    model_classes: tuple[str, ...] = ()
+    input_name = "hidden_states"  # the model's first argument
+    shared_inputs: frozenset = frozenset()  # model/stage inputs that are NOT per sample
+    timestep_divisor = 1.0  # what its diffusers pipelines divide the scheduler's timestep by
+    tested_against = ""  # for the README's family table
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ in self.model_classes
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        raise NotImplementedError
+
+    def stages(self, model: nn.Module) -> list[str] | None:
+        """Top-level stages in forward order whose inputs are all per sample, or None if not a plain list."""
+        return None
+
+    def forward_info(self, model: nn.Module, x: torch.Tensor, kwargs: dict) -> ForwardInfo:
+        return ForwardInfo(hw=tuple(x.shape[-2:]) if x.ndim == 4 else None)
+
+    def layout(self, site: Site, seq_len: int, info: ForwardInfo | None) -> TokenLayout:
+        grid = None
+        if info is not None and info.hw is not None and site.downsampling:
+            grid = (math.ceil(info.hw[0] / site.downsampling), math.ceil(info.hw[1] / site.downsampling))
+        if site.kind == "self":
+            return TokenLayout.self_attention(seq_len, grid)
+        if grid is None:
+            raise ValueError(f"pagkit cannot tell where the image tokens of {site.kind} site {site.name} are: "
+                             "the forward's image grid is unknown")
+        n = grid[0] * grid[1]
+        if n > seq_len:
+            raise ValueError(f"{site.name}: {n} image tokens expected in a sequence of {seq_len}")
+        return TokenLayout(seq_len, (0, n) if site.image_first else (seq_len - n, seq_len), grid)
+
+    def learned_sigma(self, model: nn.Module) -> bool:
+        """Whether the output holds ε and a variance (2C channels, as DiT/ADM); only ε is guided."""
+        config = getattr(model, "config", {})
+        out, inp = config.get("out_channels"), config.get("in_channels")
+        return bool(out and inp and out == 2 * inp)
+
+    def sample_shape(self, model: nn.Module, batch_size: int, height: int | None, width: int | None
+                     ) -> tuple[int, ...]:
+        config = model.config
+        size = config.get("sample_size")
+        if isinstance(size, int):
+            size = (size, size)
+        if height is None or width is None:
+            if size is None:
+                raise ValueError("the model's config has no sample_size; pass height= and width=")
+            height, width = height or size[0], width or size[1]
+        return (batch_size, config.get("in_channels"), height, width)
+
+
+BACKENDS: list[Backend] = []
+
+
+def register(cls):
+    """Class decorator: add a family's backend to the registry (earlier registrations are tried first)."""
+    BACKENDS.append(cls())
+    return cls
+
+
+def detect(model: nn.Module) -> Backend:
+    """The backend of ``model``'s family, or one clear error naming the supported families."""
+    for backend in BACKENDS:
+        if backend.matches(model):
+            return backend
+    supported = ", ".join(c for b in BACKENDS for c in b.model_classes)
+    raise ValueError(f"pagkit does not know the model family of {type(model).__name__}. Supported: {supported}. "
+                     "To add one, write a Backend subclass in a new file under src/pagkit/backends/ "
+                     "(see backends/__init__.py)")
+
+
+# the families, most specific first
+from . import unet, sd3, flux, transformer2d, generic  # noqa: E402,F401

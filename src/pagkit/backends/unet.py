@@ -1,0 +1,59 @@
+"""UNets: diffusers ``UNet2DModel`` and ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL, Kolors, ControlNet pipelines).
+
+Sites are the image self-attention layers (``attn1`` of each transformer block, or the
+``Attention`` of UNet2DModel's attention blocks); cross-attention (``attn2``) is never a site.
+The token grid of a site is the input's H×W divided by the samplers before it.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+from diffusers.models.attention_processor import Attention
+
+from . import Backend, Site, register
+
+
+def is_self_attention(module: nn.Module) -> bool:
+    """A diffusers ``Attention`` over image tokens only (no cross-attention, no added text projections)."""
+    return isinstance(module, Attention) and not module.is_cross_attention and not module.only_cross_attention \
+        and getattr(module, "added_kv_proj_dim", None) is None
+
+
+def attention_site(name: str, module: Attention, kind: str = "self", downsampling: int | None = 1,
+                   image_first: bool = True) -> Site:
+    return Site(name, kind, module.heads, module.to_q.in_features, downsampling, image_first)
+
+
+@register
+class UNetBackend(Backend):
+    name = "unet"
+    model_classes = ("UNet2DModel", "UNet2DConditionModel")
+    input_name = "sample"
+    tested_against = ("diffusers StableDiffusion(XL)PAGPipeline, ControlNet PAG, SAG pipeline; "
+                           "img2img/inpaint PAG pipelines")
+
+    def _factors(self, model) -> dict[str, int]:
+        factors, f = {}, 1
+        for i, block in enumerate(model.down_blocks):
+            factors[f"down_blocks.{i}."] = f
+            if getattr(block, "downsamplers", None) is not None:
+                f *= 2
+        factors["mid_block."] = f
+        for i, block in enumerate(model.up_blocks):
+            factors[f"up_blocks.{i}."] = f
+            if getattr(block, "upsamplers", None) is not None:
+                f //= 2
+        return factors
+
+    def sites(self, model):
+        factors = self._factors(model)
+        rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}  # UNets register up_blocks before mid_block
+        found = [(n, m) for n, m in model.named_modules() if is_self_attention(m)]
+        found.sort(key=lambda item: rank.get(item[0].split(".")[0], 0))
+        return [attention_site(n, m, downsampling=factors[max((p for p in factors if n.startswith(p)), key=len)])
+                for n, m in found]
+
+    def stages(self, model):
+        names = ["conv_in"] + [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+        if getattr(model, "mid_block", None) is not None:
+            names.append("mid_block")
+        return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]

@@ -1,0 +1,187 @@
+"""Row routing: perturb the attention of chosen sites on chosen rows of the batch, and nothing else.
+
+While ``routed(model, site_names)`` is open, each named site's attention module runs
+its own forward and its own processor unchanged (same arguments, rotary embeddings,
+QK-norm, masks). The one seam is the scaled-dot-product attention the processor
+calls: for the rows of each ``Segment`` of ``router.plan`` that names the site, the
+``Perturbation`` computes it from the processor's q, k, v and the site's token layout
+(from the family's backend); every other row gets the very SDPA call the model made.
+``router.capture`` records, for SAG, the attention each key receives on chosen rows.
+On exit, even after an exception, every module is as it was.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .backends import Backend, ForwardInfo, Site, detect
+from .perturb import Perturbation, _additive
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass
+class Segment:
+    """Rows ``start:stop`` of the batch get ``perturbations[site]`` at each site named there."""
+
+    start: int
+    stop: int
+    perturbations: dict[str, Perturbation] = field(default_factory=dict)
+
+
+@dataclass
+class Router:
+    model: nn.Module
+    backend: Backend
+    sites: dict[str, Site]
+    plan: list[Segment] = field(default_factory=list)
+    info: ForwardInfo | None = None  # token layout facts of the current forward (image grid)
+    capture: dict[str, tuple[int, int]] = field(default_factory=dict)  # site → rows whose attention to record
+    captured: dict[str, tuple[torch.Tensor, tuple[int, int] | None]] = field(default_factory=dict)
+
+    @property
+    def input_hw(self) -> tuple[int, int] | None:
+        return None if self.info is None else self.info.hw
+
+    @input_hw.setter
+    def input_hw(self, hw: tuple[int, int] | None) -> None:
+        self.info = ForwardInfo(hw=hw)
+
+    def grid(self, name: str) -> tuple[int, int] | None:
+        """The image grid of site ``name`` in the current forward."""
+        return self.backend.layout(self.sites[name], 0, self.info).grid if self.sites[name].kind == "self" else None
+
+    def run_site(self, name: str, forward, args, kwargs):
+        segments = sorted(((s.start, s.stop, s.perturbations[name]) for s in self.plan if name in s.perturbations),
+                          key=lambda s: s[0])
+        capture = self.capture.get(name)
+        if not segments and capture is None:
+            return forward(*args, **kwargs)
+        seam = _AttentionSeam(self, self.sites[name], segments, capture)
+        with seam:
+            out = forward(*args, **kwargs)
+        if seam.calls == 0:
+            raise RuntimeError(f"site {name} computed no scaled_dot_product_attention during the call, so nothing "
+                               "was perturbed (its attention processor computes attention another way)")
+        return out
+
+    def attend(self, site: Site, segments, capture, query, key, value, attn_mask=None, dropout_p=0.0,
+               is_causal=False, scale=None, enable_gqa=False):
+        """The seam: SDPA for the untouched rows, each segment's perturbation for its rows."""
+        batch = query.shape[0]
+        layout = self.backend.layout(site, query.shape[-2], self.info)
+
+        def rows(t, a, b):
+            return t[a:b] if t is not None and t.ndim == 4 and t.shape[0] == batch else t
+
+        def plain(a, b):
+            return F.scaled_dot_product_attention(query[a:b], key[a:b], value[a:b], attn_mask=rows(attn_mask, a, b),
+                                                  dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=enable_gqa)
+        if segments and segments[-1][1] > batch:
+            raise ValueError(f"site {site.name}: the plan names rows up to {segments[-1][1]}, but its attention "
+                             f"batch has {batch} rows")
+        if capture is not None:
+            a, b = capture
+            self.captured[site.name] = (_attention_received(query[a:b], key[a:b], rows(attn_mask, a, b), scale),
+                                        layout.grid)
+        if not segments:
+            return plain(0, batch)
+        if is_causal:
+            raise ValueError(f"site {site.name} uses causal attention; pagkit perturbs bidirectional attention only")
+        k, v = key, value
+        if enable_gqa and k.shape[1] != query.shape[1]:  # grouped-query heads: expand K/V for the perturbation
+            k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
+        pieces, pos = [], 0
+        for a, b, perturbation in segments:
+            if a > pos:
+                pieces.append(plain(pos, a))
+            pieces.append(perturbation.attend(query[a:b], k[a:b], v[a:b], layout, rows(attn_mask, a, b), scale)
+                          .to(value.dtype))
+            pos = b
+        if pos < batch:
+            pieces.append(plain(pos, batch))
+        return torch.cat(pieces)
+
+
+def _attention_received(q, k, mask, scale) -> torch.Tensor:
+    """(b, S): attention each key receives, mean over heads, summed over queries (mean 1)."""
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    logits = q @ k.transpose(-1, -2) * s
+    if mask is not None:
+        logits = logits + _additive(mask, logits.dtype)
+    return torch.softmax(logits.float(), dim=-1).mean(dim=1).sum(dim=1).detach()
+
+
+class _AttentionSeam(TorchFunctionMode):
+    """Active only while one routed site runs: hands its SDPA calls to the router."""
+
+    def __init__(self, router: Router, site: Site, segments, capture):
+        super().__init__()
+        self.router, self.site, self.segments, self.capture = router, site, segments, capture
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        bound = dict(zip(_SDPA_ARGS, args), **kwargs)
+        return self.router.attend(self.site, self.segments, self.capture, **bound)
+
+
+@contextmanager
+def routed(model: nn.Module, site_names: list[str], backend: Backend | None = None) -> Iterator[Router]:
+    """Route the named sites of ``model`` through a Router; always restore on exit."""
+    backend = backend or detect(model)
+    sites = {s.name: s for s in backend.sites(model)}
+    unknown = [n for n in site_names if n not in sites]
+    if unknown:
+        raise ValueError(f"not perturbable sites of {type(model).__name__}: {unknown}")
+    router = Router(model=model, backend=backend, sites=sites)
+    modules = dict(model.named_modules())
+    patched = []
+    try:
+        for name in site_names:
+            module = modules[name]
+            if getattr(module.forward, "_pagkit_routed", False):
+                raise RuntimeError(f"site {name} is already routed by pagkit; nested guidance on one model "
+                                   "is not supported")
+            had_own = "forward" in vars(module)
+            original = module.forward
+
+            def forward(*args, __name=name, __original=original, **kwargs):
+                return router.run_site(__name, __original, args, kwargs)
+
+            forward._pagkit_routed = True
+            module.forward = forward
+            patched.append((module, original, had_own))
+        yield router
+    finally:
+        for module, original, had_own in patched:
+            if had_own:
+                module.forward = original
+            else:
+                del module.forward
+
+
+def perturbed_call(module: nn.Module, hidden_states: torch.Tensor, perturbation: Perturbation, *,
+                   kind: str = "self", grid: tuple[int, int] | None = None, image_first: bool = True, **kwargs):
+    """``module(hidden_states, **kwargs)`` with ``perturbation`` on every row of its batch.
+
+    ``grid``: the image tokens' H×W (read off a 4-D input when not given); ``kind``/``image_first``: where the
+    image tokens sit, as a backend's ``Site`` says. For tests and single modules; models go through ``routed``.
+    """
+    if grid is None and hidden_states.ndim == 4:
+        grid = tuple(hidden_states.shape[-2:])
+    site = Site("module", kind, 0, 0, 1, image_first)
+    router = Router(model=module, backend=Backend(), sites={"module": site}, info=ForwardInfo(hw=grid))
+    router.plan = [Segment(0, hidden_states.shape[0], {"module": perturbation})]
+    return router.run_site("module", module, (hidden_states,), kwargs)
