@@ -70,3 +70,39 @@ def pixart(seed=0) -> PixArtTransformer2DModel:
 def ddim(**kw) -> DDIMScheduler:
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)
+
+
+def sd3(seed=0, qk_norm=None, dual_attention_layers=()):
+    """SD3 (qk_norm=None) or SD3.5-shaped (qk_norm="rms_norm", dual attention) MMDiT, tiny."""
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                 num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=24,
+                                 pooled_projection_dim=12, out_channels=4, qk_norm=qk_norm,
+                                 dual_attention_layers=dual_attention_layers).eval()
+
+
+def sd3_inputs(batch=2, seed=1, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, size, size, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, 5, 24, generator=g),
+                 pooled_projections=torch.randn(batch, 12, generator=g)))
+
+
+def flux(seed=0):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                  pooled_projection_dim=12, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def flux_inputs(batch=2, seed=1, h=4, w=6, text=5):
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    return (torch.randn(batch, h * w, 8, generator=g), torch.tensor([0.5] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g),
+                 pooled_projections=torch.randn(batch, 12, generator=g), img_ids=img_ids.reshape(-1, 3),
+                 txt_ids=torch.zeros(text, 3)))

@@ -1,0 +1,203 @@
+"""Every joint-attention family through the same invariants, against references written here.
+
+The references compute attention explicitly, softmax(QKᵀ/√d + M)·V with an explicit mask M (−∞ on the
+image→image block off its diagonal), at the point where the model's own processor would call
+attention, so QK-norm and RoPE are the model's own and the maths is independent of pagkit's.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models import attention_processor
+from diffusers.models.transformers import transformer_flux
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models  # noqa: E402
+
+import pagkit  # noqa: E402
+from pagkit.denoise import GuidedDenoiser  # noqa: E402
+from pagkit.perturb import Identity, Uniform  # noqa: E402
+from pagkit.routing import Segment, routed  # noqa: E402
+
+FAMILIES = {
+    "sd3": (lambda: models.sd3(), models.sd3_inputs),
+    "sd3.5": (lambda: models.sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1)), models.sd3_inputs),
+    "flux": (models.flux, models.flux_inputs),
+}
+
+
+def _explicit_attention(q, k, v, image, mode):
+    """(B, H, S, d) → (B, H, S, d); ``image`` = (start, stop) of the image tokens."""
+    a, b = image
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    mask = torch.zeros(logits.shape[-2:])
+    if mode == "identity":
+        block = torch.full((b - a, b - a), float("-inf"))
+        block.fill_diagonal_(0.0)
+        mask[a:b, a:b] = block
+    if mode == "uniform":  # every image query is the mean image query
+        q = q.clone()
+        q[:, :, a:b] = q[:, :, a:b].mean(dim=2, keepdim=True)
+        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    out = torch.softmax(logits + mask, dim=-1) @ v
+    if mode == "strict":
+        out[:, :, a:b] = v[:, :, a:b]
+    return out
+
+
+class _Reference:
+    """Patch the family's attention call so that the chosen modules compute the explicit reference."""
+
+    def __init__(self, monkeypatch, model, names, mode, image_of):
+        self.active = None
+        modules = dict(model.named_modules())
+        for name in names:
+            module = modules[name]
+            original = module.forward
+
+            def forward(*args, __name=name, __original=original, **kwargs):
+                self.active = __name
+                try:
+                    return __original(*args, **kwargs)
+                finally:
+                    self.active = None
+            monkeypatch.setattr(module, "forward", forward)
+        reference = self
+
+        class FunctionalWithReference:  # torch.nn.functional, but SDPA of an active module is the reference
+            def __getattr__(self, item):
+                return getattr(torch.nn.functional, item)
+
+            def scaled_dot_product_attention(self, q, k, v, *args, **kwargs):
+                if reference.active is None:
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+                return _explicit_attention(q, k, v, image_of(reference.active, q.shape[-2]), mode)
+
+        def dispatch(q, k, v, *args, **kwargs):  # diffusers' dispatch_attention_fn takes (B, S, H, d)
+            if reference.active is None:
+                return original_dispatch(q, k, v, *args, **kwargs)
+            out = _explicit_attention(*(t.transpose(1, 2) for t in (q, k, v)), image_of(reference.active,
+                                                                                      q.shape[1]), mode)
+            return out.transpose(1, 2)
+
+        original_dispatch = transformer_flux.dispatch_attention_fn
+        monkeypatch.setattr(attention_processor, "F", FunctionalWithReference())
+        monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", dispatch)
+
+
+def _image_of(model, x):
+    sites = {s.name: s for s in pagkit.layers(model)}
+    backend_sites = {s.name: s for s in GuidedDenoiser(model, []).backend.sites(model)}
+    n = (x.shape[-2] // model.config.patch_size) * (x.shape[-1] // model.config.patch_size) if x.ndim == 4 \
+        else x.shape[1]
+
+    def image_of(name, seq_len):
+        assert name in sites
+        return (0, n) if backend_sites[name].image_first else (seq_len - n, seq_len)
+    return image_of
+
+
+def _site_sets(model):
+    kinds = {}
+    for info in pagkit.layers(model):
+        kinds.setdefault(info.kind, []).append(info.name)
+    return [names[:1] for names in kinds.values()] + [[i.name for i in pagkit.layers(model)]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sites_have_kinds_and_no_text_only_or_cross_attention(family):
+    model = FAMILIES[family][0]()
+    kinds = {info.name: info.kind for info in pagkit.layers(model)}
+    if family == "flux":
+        assert set(kinds.values()) == {"joint", "single"}
+        assert pagkit.resolve_layers(model, "single.1") == ["single_transformer_blocks.1.attn"]
+        assert pagkit.resolve_layers(model, "double.0") == ["transformer_blocks.0.attn"]
+    else:
+        assert {k for n, k in kinds.items() if n.endswith(".attn")} == {"joint"}
+        assert {k for n, k in kinds.items() if n.endswith(".attn2")} <= {"self"}
+        assert (family == "sd3.5") == any(n.endswith(".attn2") for n in kinds)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["identity", "strict", "uniform"])
+def test_perturbed_branch_equals_the_explicit_mask_reference(family, mode, monkeypatch):
+    build, inputs = FAMILIES[family]
+    model = build()
+    x, t, cond = inputs()
+    perturbation = {"identity": Identity(), "strict": Identity(strict=True), "uniform": Uniform()}[mode]
+    backend = GuidedDenoiser(model, []).backend
+    for names in _site_sets(model):
+        with routed(model, names) as router:
+            router.info = backend.forward_info(model, x, cond)
+            router.plan = [Segment(0, x.shape[0], {n: perturbation for n in names})]
+            ours = model(x, timestep=t, **cond, return_dict=False)[0]
+        with monkeypatch.context() as m:
+            _Reference(m, model, names, mode, _image_of(model, x))
+            expected = model(x, timestep=t, **cond, return_dict=False)[0]
+        plain = model(x, timestep=t, **cond, return_dict=False)[0]
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+        assert (ours - plain).abs().max() > 1e-3, names  # the perturbation changed something
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_neutral_scale_and_untouched_rows_are_bit_identical(family):
+    build, inputs = FAMILIES[family]
+    model = build()
+    x, t, cond = inputs(batch=3)
+    plain = model(x, timestep=t, **cond, return_dict=False)[0]
+    names = [i.name for i in pagkit.layers(model)]
+    neutral = GuidedDenoiser(model, [pagkit.PAG(0.0, layers=names)]).predict(x, t, cond)
+    assert torch.equal(neutral, plain)
+    backend = GuidedDenoiser(model, []).backend
+    with routed(model, names) as router:
+        router.info = backend.forward_info(model, x, cond)
+        router.plan = [Segment(1, 2, {n: Identity() for n in names})]
+        out = model(x, timestep=t, **cond, return_dict=False)[0]
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[2], plain[2])
+    assert not torch.allclose(out[1], plain[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_sharing_is_exact_and_batched_equals_separate(family):
+    build, inputs = FAMILIES[family]
+    model = build()
+    x, t, cond = inputs()
+    last = pagkit.layers(model)[-1].name
+    terms = [pagkit.PAG(2.0, layers=last), pagkit.SEG(1.5, layers=last)]
+    shared = GuidedDenoiser(model, terms).predict(x, t, cond)
+    full = GuidedDenoiser(model, terms, prefix_sharing=False).predict(x, t, cond)
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+    eps = model(x, timestep=t, **cond, return_dict=False)[0]
+    backend = GuidedDenoiser(model, []).backend
+
+    def perturbed(p):
+        with routed(model, [last]) as router:
+            router.info = backend.forward_info(model, x, cond)
+            router.plan = [Segment(0, x.shape[0], {last: p})]
+            return model(x, timestep=t, **cond, return_dict=False)[0]
+    separate = eps + 2.0 * (eps - perturbed(Identity())) + 1.5 * (eps - perturbed(Uniform()))
+    torch.testing.assert_close(full, separate, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_is_restored_after_an_exception(family):
+    build, inputs = FAMILIES[family]
+    model = build()
+    x, t, cond = inputs()
+    before = model(x, timestep=t, **cond, return_dict=False)[0]
+    names = [i.name for i in pagkit.layers(model)]
+    with pytest.raises(KeyError):
+        with routed(model, names) as router:
+            router.plan = [Segment(0, 2, {n: Identity() for n in names})]
+            raise KeyError("boom")
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.equal(model(x, timestep=t, **cond, return_dict=False)[0], before)
+
+
+def test_guide_takes_the_transformers_own_signature():
+    model = models.sd3()
+    x, t, cond = models.sd3_inputs()
+    guided = pagkit.guide(model, [pagkit.PAG(0.0, layers="blocks.0")])
+    out = guided(hidden_states=x, timestep=t, **cond, return_dict=False)[0]
+    assert torch.equal(out, model(hidden_states=x, timestep=t, **cond, return_dict=False)[0])
