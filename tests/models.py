@@ -106,3 +106,21 @@ def flux_inputs(batch=2, seed=1, h=4, w=6, text=5):
             dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g),
                  pooled_projections=torch.randn(batch, 12, generator=g), img_ids=img_ids.reshape(-1, 3),
                  txt_ids=torch.zeros(text, 3)))
+
+
+def qwenimage(seed=0):
+    from diffusers import QwenImageTransformer2DModel
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                       attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                       axes_dims_rope=(2, 2, 4)).eval()
+
+
+def qwenimage_inputs(batch=2, seed=1, h=4, w=6, text=5):
+    """Packed latents; the last sample's text has two padding tokens (boolean text mask)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text, dtype=torch.bool)
+    mask[-1, -2:] = False
+    return (torch.randn(batch, h * w, 16, generator=g), torch.tensor([0.5] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_hidden_states_mask=mask,
+                 img_shapes=[[(1, h, w)]] * batch))

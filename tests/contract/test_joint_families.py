@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models import attention_processor
-from diffusers.models.transformers import transformer_flux
+from diffusers.models.transformers import transformer_flux, transformer_qwenimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
@@ -24,22 +24,42 @@ FAMILIES = {
     "sd3": (lambda: models.sd3(), models.sd3_inputs),
     "sd3.5": (lambda: models.sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1)), models.sd3_inputs),
     "flux": (models.flux, models.flux_inputs),
+    "qwenimage": (models.qwenimage, models.qwenimage_inputs),
 }
 
+# modules whose processors call diffusers' dispatch_attention_fn by the name they imported
+DISPATCH_MODULES = (transformer_flux, transformer_qwenimage)
 
-def _explicit_attention(q, k, v, image, mode):
-    """(B, H, S, d) → (B, H, S, d); ``image`` = (start, stop) of the image tokens."""
+# per family: the kinds of its sites, and modules that hold attention but must not be sites
+KINDS = {"qwenimage": {"joint"}}
+NOT_SITES = {}
+# per family: the image grid (in tokens) that its backend reads off the inputs built in tests/models.py
+GRIDS = {"qwenimage": (4, 6)}
+
+
+_SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _explicit_attention(q, k, v, image, mode, attn_mask=None, scale=None, enable_gqa=False, **_):
+    """(B, H, S, d) → (B, H, S, d); ``image`` = (start, stop) of the image tokens; ``attn_mask`` as SDPA's."""
     a, b = image
-    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    mask = torch.zeros(logits.shape[-2:])
+    if k.shape[1] != q.shape[1]:  # grouped-query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = q @ k.transpose(-1, -2) * s
+    mask = torch.zeros(logits.shape)
+    if attn_mask is not None:  # the model's own mask (bool: True = attend), kept on every query
+        mask = mask + (torch.zeros(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
+                       if attn_mask.dtype == torch.bool else attn_mask)
     if mode == "identity":
         block = torch.full((b - a, b - a), float("-inf"))
         block.fill_diagonal_(0.0)
-        mask[a:b, a:b] = block
+        mask[..., a:b, a:b] = mask[..., a:b, a:b] + block
     if mode == "uniform":  # every image query is the mean image query
         q = q.clone()
         q[:, :, a:b] = q[:, :, a:b].mean(dim=2, keepdim=True)
-        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        logits = q @ k.transpose(-1, -2) * s
     out = torch.softmax(logits + mask, dim=-1) @ v
     if mode == "strict":
         out[:, :, a:b] = v[:, :, a:b]
@@ -72,18 +92,22 @@ class _Reference:
             def scaled_dot_product_attention(self, q, k, v, *args, **kwargs):
                 if reference.active is None:
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v, *args, **kwargs)
-                return _explicit_attention(q, k, v, image_of(reference.active, q.shape[-2]), mode)
+                return _explicit_attention(q, k, v, image_of(reference.active, q.shape[-2]), mode,
+                                           **dict(zip(_SDPA_ARGS, args)), **kwargs)
 
-        def dispatch(q, k, v, *args, **kwargs):  # diffusers' dispatch_attention_fn takes (B, S, H, d)
-            if reference.active is None:
-                return original_dispatch(q, k, v, *args, **kwargs)
-            out = _explicit_attention(*(t.transpose(1, 2) for t in (q, k, v)), image_of(reference.active,
-                                                                                      q.shape[1]), mode)
-            return out.transpose(1, 2)
+        def dispatch_of(original_dispatch):
+            def dispatch(q, k, v, *args, **kwargs):  # diffusers' dispatch_attention_fn takes (B, S, H, d)
+                if reference.active is None:
+                    return original_dispatch(q, k, v, *args, **kwargs)
+                out = _explicit_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                          image_of(reference.active, q.shape[1]), mode,
+                                          **dict(zip(_SDPA_ARGS, args)), **kwargs)
+                return out.transpose(1, 2)
+            return dispatch
 
-        original_dispatch = transformer_flux.dispatch_attention_fn
         monkeypatch.setattr(attention_processor, "F", FunctionalWithReference())
-        monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", dispatch)
+        for module in DISPATCH_MODULES:
+            monkeypatch.setattr(module, "dispatch_attention_fn", dispatch_of(module.dispatch_attention_fn))
 
 
 def _image_of(model, x):
@@ -109,7 +133,13 @@ def _site_sets(model):
 def test_sites_have_kinds_and_no_text_only_or_cross_attention(family):
     model = FAMILIES[family][0]()
     kinds = {info.name: info.kind for info in pagkit.layers(model)}
-    if family == "flux":
+    for name in NOT_SITES.get(family, ()):
+        assert name in dict(model.named_modules()) and name not in kinds, name
+        with pytest.raises(ValueError, match="not a perturbable site|cross-attention"):
+            pagkit.resolve_layers(model, name)
+    if family in KINDS:
+        assert set(kinds.values()) == KINDS[family]
+    elif family == "flux":
         assert set(kinds.values()) == {"joint", "single"}
         assert pagkit.resolve_layers(model, "single.1") == ["single_transformer_blocks.1.attn"]
         assert pagkit.resolve_layers(model, "double.0") == ["transformer_blocks.0.attn"]
@@ -117,6 +147,14 @@ def test_sites_have_kinds_and_no_text_only_or_cross_attention(family):
         assert {k for n, k in kinds.items() if n.endswith(".attn")} == {"joint"}
         assert {k for n, k in kinds.items() if n.endswith(".attn2")} <= {"self"}
         assert (family == "sd3.5") == any(n.endswith(".attn2") for n in kinds)
+
+
+@pytest.mark.parametrize("family", sorted(GRIDS))
+def test_forward_info_reads_the_image_grid(family):
+    build, inputs = FAMILIES[family]
+    model = build()
+    x, t, cond = inputs()
+    assert GuidedDenoiser(model, []).backend.forward_info(model, x, cond).hw == GRIDS[family]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
