@@ -124,3 +124,22 @@ def qwenimage_inputs(batch=2, seed=1, h=4, w=6, text=5):
     return (torch.randn(batch, h * w, 16, generator=g), torch.tensor([0.5] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_hidden_states_mask=mask,
                  img_shapes=[[(1, h, w)]] * batch))
+
+
+def chroma(seed=0):
+    from diffusers import ChromaTransformer2DModel
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                    axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                                    approximator_hidden_dim=16, approximator_layers=1).eval()
+
+
+def chroma_inputs(batch=2, seed=1, h=4, w=6, text=5):
+    """As ChromaPipeline builds them: a float [text; image] mask, the last sample's text with padding."""
+    x, t, cond = flux_inputs(batch, seed, h, w, text)
+    cond.pop("pooled_projections")
+    text_mask = torch.ones(batch, text)
+    text_mask[-1, -2:] = 0.0
+    cond["attention_mask"] = torch.cat([text_mask, torch.ones(batch, h * w, dtype=torch.bool)], dim=1)
+    return x, t, cond

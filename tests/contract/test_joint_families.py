@@ -25,16 +25,17 @@ FAMILIES = {
     "sd3.5": (lambda: models.sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1)), models.sd3_inputs),
     "flux": (models.flux, models.flux_inputs),
     "qwenimage": (models.qwenimage, models.qwenimage_inputs),
+    "chroma": (models.chroma, models.chroma_inputs),
 }
 
 # modules whose processors call diffusers' dispatch_attention_fn by the name they imported
 DISPATCH_MODULES = (transformer_flux, transformer_qwenimage)
 
 # per family: the kinds of its sites, and modules that hold attention but must not be sites
-KINDS = {"qwenimage": {"joint"}}
+KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"}}
 NOT_SITES = {}
 # per family: the image grid (in tokens) that its backend reads off the inputs built in tests/models.py
-GRIDS = {"qwenimage": (4, 6)}
+GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6)}
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
