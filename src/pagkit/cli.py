@@ -55,12 +55,14 @@ def _layer_list(text: str) -> list[str]:
 
 
 def cmd_layers(args) -> None:
+    from .backends import detect
     model = load_model(args.model)
     infos = layers(model)
-    print(f"{type(model).__name__}: {len(infos)} self-attention layers")
+    kinds = ", ".join(f"{sum(i.kind == k for i in infos)} {k}" for k in dict.fromkeys(i.kind for i in infos))
+    print(f"{type(model).__name__} ({detect(model).name} backend): {len(infos)} attention sites ({kinds})")
     for info in infos:
         grid = f"{info.grid[0]}x{info.grid[1]}" if info.grid else "?"
-        print(f"  {info.name:<60} tokens {grid:>7}  heads {info.heads}")
+        print(f"  {info.name:<60} {info.kind:<6}  image tokens {grid:>7}  heads {info.heads}")
     print("aliases:")
     for alias, names in aliases(model).items():
         print(f"  {alias:<12} {len(names)} layer{'s' if len(names) != 1 else ''}")

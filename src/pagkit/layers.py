@@ -92,8 +92,8 @@ def aliases(model: nn.Module) -> dict[str, list[str]]:
     for name in names:
         parts = name.split(".")
         for short, segments in ALIAS_SEGMENTS.items():
-            if short == "blocks" and parts[0] in ("down_blocks", "mid_block", "up_blocks"):
-                continue  # inside a UNet, transformer_blocks.N is not a useful alias
+            if short == "blocks" and (parts[0] in ("down_blocks", "mid_block", "up_blocks") or two_streams):
+                continue  # inside a UNet transformer_blocks.N is not a useful alias; in Flux it is double.N
             if short == "double" and not two_streams:
                 continue
             for i, part in enumerate(parts[:-1]):

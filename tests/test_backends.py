@@ -1,0 +1,33 @@
+"""The backend registry as a new user meets it: `pagkit layers` on saved models, and the unknown-family error."""
+import pytest
+
+import models
+import pagkit
+from pagkit.backends import detect
+from pagkit.cli import main
+
+
+def test_layers_prints_sites_and_kinds_of_saved_joint_models(tmp_path, capsys):
+    models.flux().save_pretrained(tmp_path / "flux")
+    models.sd3(qk_norm="rms_norm", dual_attention_layers=(0,)).save_pretrained(tmp_path / "sd35")
+    assert main(["layers", str(tmp_path / "flux")]) == 0
+    out = capsys.readouterr().out
+    assert "FluxTransformer2DModel (flux backend): 4 attention sites (2 joint, 2 single)" in out
+    assert "single_transformer_blocks.1.attn" in out and "single.1" in out and "double.0" in out
+    assert main(["layers", str(tmp_path / "sd35")]) == 0
+    out = capsys.readouterr().out
+    assert "(3 joint, 1 self)" in out and "transformer_blocks.0.attn2" in out
+
+
+def test_unknown_family_is_one_clear_error_naming_the_supported_ones(tmp_path, capsys):
+    vae = models.vae()
+    with pytest.raises(ValueError, match="does not know the model family of AutoencoderKL.*UNet2DModel.*"
+                                         "SD3Transformer2DModel.*FluxTransformer2DModel.*src/pagkit/backends/"):
+        detect(vae)
+    with pytest.raises(ValueError, match="AutoencoderKL"):
+        pagkit.sample(vae, models.ddim(), guidance=[pagkit.PAG(1.0)], progress_bar=False)
+    vae.save_pretrained(tmp_path / "vae")
+    assert main(["layers", str(tmp_path / "vae")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "backends/" in err and "Traceback" not in err
+
