@@ -143,3 +143,21 @@ def chroma_inputs(batch=2, seed=1, h=4, w=6, text=5):
     text_mask[-1, -2:] = 0.0
     cond["attention_mask"] = torch.cat([text_mask, torch.ones(batch, h * w, dtype=torch.bool)], dim=1)
     return x, t, cond
+
+
+def auraflow(seed=0):
+    from diffusers import AuraFlowTransformer2DModel
+    torch.manual_seed(seed)
+    model = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2,
+                                       num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                       caption_projection_dim=16, joint_attention_dim=24, out_channels=4,
+                                       pos_embed_max_size=64)
+    for p in model.parameters():  # its default init leaves the attention blocks almost without effect
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+def auraflow_inputs(batch=2, seed=1, h=8, w=12, text=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([0.5] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g)))

@@ -26,16 +26,20 @@ FAMILIES = {
     "flux": (models.flux, models.flux_inputs),
     "qwenimage": (models.qwenimage, models.qwenimage_inputs),
     "chroma": (models.chroma, models.chroma_inputs),
+    "auraflow": (models.auraflow, models.auraflow_inputs),
 }
 
 # modules whose processors call diffusers' dispatch_attention_fn by the name they imported
 DISPATCH_MODULES = (transformer_flux, transformer_qwenimage)
 
 # per family: the kinds of its sites, and modules that hold attention but must not be sites
-KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"}}
+KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"},
+         "auraflow": {"joint", "single"}}
 NOT_SITES = {}
+# per family: whether the image tokens come first in its joint/single-stream sequences (read off the processors)
+IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "chroma": False, "auraflow": False}
 # per family: the image grid (in tokens) that its backend reads off the inputs built in tests/models.py
-GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6)}
+GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12)}
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -134,6 +138,8 @@ def _site_sets(model):
 def test_sites_have_kinds_and_no_text_only_or_cross_attention(family):
     model = FAMILIES[family][0]()
     kinds = {info.name: info.kind for info in pagkit.layers(model)}
+    backend_sites = GuidedDenoiser(model, []).backend.sites(model)
+    assert {s.image_first for s in backend_sites if s.kind != "self"} == {IMAGE_FIRST[family]}
     for name in NOT_SITES.get(family, ()):
         assert name in dict(model.named_modules()) and name not in kinds, name
         with pytest.raises(ValueError, match="not a perturbable site|cross-attention"):
