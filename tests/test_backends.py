@@ -31,3 +31,15 @@ def test_unknown_family_is_one_clear_error_naming_the_supported_ones(tmp_path, c
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "backends/" in err and "Traceback" not in err
 
+
+
+def test_flux_bench_runs_tiny_and_reports_the_exact_result_limit():
+    from pagkit import bench
+    model = bench.flux_shaped_transformer(num_layers=1, num_single_layers=3, attention_head_dim=8,
+                                          axes_dims_rope=(2, 2, 4))
+    configs, limits = bench.flux_configs(1, side=4, text=3, model=model)
+    assert limits == {"PAG(block 1 of 4) pagkit": 0.75, "PAG(block 2 of 4) pagkit": 0.5,
+                      "PAG(block 3 of 4) pagkit": 0.25}
+    results = bench.run_interleaved(configs, rounds=1, progress=False)
+    table = bench.report("tiny", results, ["no guidance"], limits)
+    assert "| PAG(block 2 of 4) pagkit |" in table and "limit (n − d)/n" in table

@@ -142,10 +142,66 @@ def demo_configs(model, steps: int, batch: int = 1, layers: str = "mid") -> dict
     }
 
 
-def report(title: str, results: dict[str, Result], baselines: list[str]) -> str:
-    lines = [f"### {title}", "", "| configuration | median s | " + " | ".join(f"÷ {b}" for b in baselines)
-             + " | peak RSS rise MB |", "|---|---:|" + "---:|" * len(baselines) + "---:|"]
+FLUX_SHAPE = dict(num_layers=4, num_single_layers=8, attention_head_dim=32, num_attention_heads=4, in_channels=16,
+                  joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12))
+
+
+def flux_shaped_transformer(seed: int = 0, **overrides):
+    """A Flux-shaped FluxTransformer2DModel (double- then single-stream blocks), small dimensions, random weights."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, **{**FLUX_SHAPE, **overrides}).eval()
+
+
+def flux_configs(steps: int, side: int = 32, text: int = 64, model=None) -> tuple[dict[str, Callable[[], None]], dict]:
+    """PAG on one block at depth d of n, with and without prefix sharing, against no guidance.
+
+    Each configuration runs ``steps`` guided predictions on packed latents of side×side tokens and ``text``
+    text tokens. Returns the configurations and, per PAG configuration, the exact-result limit (n − d)/n: the
+    share of a forward that the perturbed row must recompute when the d blocks before it are shared.
+    """
+    from .denoise import GuidedDenoiser
+    model = model if model is not None else flux_shaped_transformer()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    x = torch.randn(1, side * side, model.config.in_channels, generator=g)
+    cond = dict(encoder_hidden_states=torch.randn(1, text, model.config.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
+                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3))
+    blocks = [f"transformer_blocks.{i}.attn" for i in range(len(model.transformer_blocks))] + \
+        [f"single_transformer_blocks.{i}.attn" for i in range(len(model.single_transformer_blocks))]
+    n = len(blocks)
+
+    def run(terms, share=True):
+        denoiser = GuidedDenoiser(model, terms, prefix_sharing=share)
+
+        @torch.no_grad()
+        def go():
+            for i in range(steps):
+                denoiser.predict(x, torch.tensor([1.0 - i / steps]), cond, progress=i / steps)
+        return go
+
+    configs, limits = {"no guidance": run([])}, {}
+    for d in (n // 4, n // 2, n - 1):
+        name = f"PAG(block {d} of {n})"
+        configs[f"{name} pagkit, no sharing"] = run([G.PAG(3.0, layers=blocks[d])], share=False)
+        configs[f"{name} pagkit"] = run([G.PAG(3.0, layers=blocks[d])])
+        limits[f"{name} pagkit"] = (n - d) / n
+    return configs, limits
+
+
+def report(title: str, results: dict[str, Result], baselines: list[str], limits: dict[str, float] | None = None
+           ) -> str:
+    """A markdown table of medians and ratios; with ``limits``, also the extra cost over the first baseline
+    (in forwards) beside its exact-result limit."""
+    extra = ["extra ÷ forward", "limit (n − d)/n"] if limits else []
+    lines = [f"### {title}", "", "| configuration | median s | " + " | ".join([f"÷ {b}" for b in baselines] + extra)
+             + " | peak RSS rise MB |", "|---|---:|" + "---:|" * (len(baselines) + len(extra)) + "---:|"]
     for name, res in results.items():
-        ratios = " | ".join(f"{res.median / results[b].median:.2f}" for b in baselines)
-        lines.append(f"| {name} | {res.median:.3f} | {ratios} | {max(res.memory_rise) / 2**20:.0f} |")
+        cells = [f"{res.median / results[b].median:.2f}" for b in baselines]
+        if limits:
+            cells += [f"{res.median / results[baselines[0]].median - 1:.2f}",
+                      f"{limits[name]:.2f}" if name in limits else ""]
+        lines.append(f"| {name} | {res.median:.3f} | {' | '.join(cells)} | {max(res.memory_rise) / 2**20:.0f} |")
     return "\n".join(lines)

@@ -161,13 +161,21 @@ def cmd_bench(args) -> None:
     from . import bench
     torch.set_num_threads(args.threads)
     sections = []
-    if args.model in ("sd15", "both"):
+    if args.model in ("sd15", "both", "all"):
         print(f"SD1.5-shaped UNet2DConditionModel (64,128,256,256), 32x32 latents, {args.steps} DDIM steps, "
               f"{args.rounds} rounds, {args.threads} thread(s)")
         results = bench.run_interleaved(bench.sd15_configs(args.steps), args.rounds)
         sections.append(bench.report("SD1.5-shaped UNet, 32×32 latents", results,
                                      ["CFG 7.5 (diffusers)", "no guidance (diffusers)"]))
-    if args.model in ("demo", "both"):
+    if args.model in ("flux", "all"):
+        from .bench import FLUX_SHAPE
+        print(f"Flux-shaped FluxTransformer2DModel {FLUX_SHAPE}, 32x32 packed latents, 64 text tokens, "
+              f"{args.steps} predictions, {args.rounds} rounds, {args.threads} thread(s)")
+        configs, limits = bench.flux_configs(args.steps)
+        results = bench.run_interleaved(configs, args.rounds)
+        sections.append(bench.report("Flux-shaped transformer, PAG on one block at depth d of n", results,
+                                     ["no guidance"], limits))
+    if args.model in ("demo", "both", "all"):
         if DEFAULT_UNCOND in shipped_models():
             model, title = load_model(DEFAULT_UNCOND), f"shipped {DEFAULT_UNCOND} UNet2DModel"
         else:
@@ -322,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="time guidance side by side: diffusers' PAG pipeline vs pagkit")
-    p.add_argument("--model", choices=["sd15", "demo", "both"], default="both")
+    p.add_argument("--model", choices=["sd15", "demo", "flux", "both", "all"], default="both",
+                   help="sd15: SD1.5-shaped UNet vs diffusers; demo: the shipped UNet; flux: a Flux-shaped "
+                        "transformer, PAG at several depths; both = sd15 + demo; all = every one")
     p.add_argument("--steps", type=_positive_int, default=10)
     p.add_argument("--rounds", type=_positive_int, default=5)
     p.add_argument("--threads", type=_positive_int, default=1)
