@@ -28,21 +28,26 @@ def sd_unet(seed=0, **overrides) -> UNet2DConditionModel:
     return UNet2DConditionModel(**config).eval()
 
 
-def sdxl_unet(seed=0) -> UNet2DConditionModel:
+def sdxl_unet(seed=0, **overrides) -> UNet2DConditionModel:
+    """SDXL-shaped; Kolors-shaped with ``encoder_hid_dim=D, encoder_hid_dim_type="text_proj"``."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    config = dict(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         norm_num_groups=8, cross_attention_dim=24, attention_head_dim=(2, 4), use_linear_projection=True,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 24).eval()
+        projection_class_embeddings_input_dim=8 * 6 + 24)
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
 
 
-def vae(seed=0) -> AutoencoderKL:
+def vae(seed=0, **overrides) -> AutoencoderKL:
+    """Latents at 1/2 of the image size (SD3 pipelines also need ``shift_factor=``)."""
     torch.manual_seed(seed)
     return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8).eval()
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
+                         **overrides).eval()
 
 
 def controlnet(unet: UNet2DConditionModel, seed=1) -> ControlNetModel:
@@ -60,11 +65,21 @@ def dit(seed=0) -> DiTTransformer2DModel:
                                  norm_num_groups=8).eval()
 
 
-def pixart(seed=0) -> PixArtTransformer2DModel:
+def pixart(seed=0, num_layers=3) -> PixArtTransformer2DModel:
     torch.manual_seed(seed)
     return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                    num_layers=3, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                    num_layers=num_layers, sample_size=8, patch_size=2, cross_attention_dim=16,
                                     caption_channels=24, norm_num_groups=8).eval()
+
+
+def hunyuandit(seed=0, num_layers=4):
+    """HunyuanDiT-shaped (2-D RoPE, skip connections: an even ``num_layers``); text lengths 5 (BERT), 6 (T5)."""
+    from diffusers import HunyuanDiT2DModel
+    torch.manual_seed(seed)
+    return HunyuanDiT2DModel(sample_size=8, num_layers=num_layers, patch_size=2, attention_head_dim=8,
+                             num_attention_heads=2, in_channels=4, cross_attention_dim=24, cross_attention_dim_t5=24,
+                             pooled_projection_dim=16, hidden_size=16, text_len=5, text_len_t5=6,
+                             activation_fn="gelu-approximate").eval()
 
 
 def ddim(**kw) -> DDIMScheduler:
@@ -72,13 +87,13 @@ def ddim(**kw) -> DDIMScheduler:
                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)
 
 
-def sd3(seed=0, qk_norm=None, dual_attention_layers=()):
+def sd3(seed=0, qk_norm=None, dual_attention_layers=(), num_layers=3):
     """SD3 (qk_norm=None) or SD3.5-shaped (qk_norm="rms_norm", dual attention) MMDiT, tiny."""
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                                 num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=24,
-                                 pooled_projection_dim=12, out_channels=4, qk_norm=qk_norm,
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers,
+                                 attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                 joint_attention_dim=24, pooled_projection_dim=12, out_channels=4, qk_norm=qk_norm,
                                  dual_attention_layers=dual_attention_layers).eval()
 
 
@@ -89,12 +104,14 @@ def sd3_inputs(batch=2, seed=1, size=8):
                  pooled_projections=torch.randn(batch, 12, generator=g)))
 
 
-def flux(seed=0):
+def flux(seed=0, guidance_embeds=False):
+    """Flux.1-shaped; ``guidance_embeds=True`` as the guidance-distilled Flux.1-dev."""
     from diffusers import FluxTransformer2DModel
     torch.manual_seed(seed)
     return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
-                                  pooled_projection_dim=12, axes_dims_rope=(2, 2, 4)).eval()
+                                  pooled_projection_dim=12, axes_dims_rope=(2, 2, 4),
+                                  guidance_embeds=guidance_embeds).eval()
 
 
 def flux_inputs(batch=2, seed=1, h=4, w=6, text=5):

@@ -1,4 +1,6 @@
-"""pagkit against diffusers' own PAG pipeline: same seed, same latents."""
+"""pagkit against diffusers' own PAG and SAG pipelines: same seed, same latents.
+
+Every other diffusers PAG pipeline: tests/test_pipelines_parity.py."""
 import pytest
 import torch
 from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline
@@ -73,39 +75,6 @@ def _latents_pair(reference, pipe, terms, ref_kwargs, kwargs):
     return expected, attached, plain
 
 
-def test_attach_matches_diffusers_sdxl_pag_pipeline():
-    from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
-    common = dict(unet=models.sdxl_unet(), vae=models.vae(), scheduler=models.ddim(), text_encoder=None,
-                  text_encoder_2=None, tokenizer=None, tokenizer_2=None)
-    g = torch.Generator().manual_seed(0)
-    kwargs = dict(prompt_embeds=torch.randn(1, 7, 24, generator=g),
-                  negative_prompt_embeds=torch.randn(1, 7, 24, generator=g),
-                  pooled_prompt_embeds=torch.randn(1, 24, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(1, 24, generator=g),
-                  num_inference_steps=3, output_type="latent", guidance_scale=5.0, height=32, width=32)
-    expected, attached, plain = _latents_pair(
-        StableDiffusionXLPAGPipeline(**common, pag_applied_layers=["mid"]), StableDiffusionXLPipeline(**common),
-        [pagkit.PAG(2.0, layers="mid")], {"pag_scale": 2.0}, kwargs)
-    assert (attached - expected).abs().max() < 1e-4 < (plain - expected).abs().max()
-
-
-def test_attach_matches_diffusers_controlnet_pag_pipeline():
-    from diffusers import StableDiffusionControlNetPAGPipeline, StableDiffusionControlNetPipeline
-    unet = models.sd_unet()
-    common = dict(unet=unet, vae=models.vae(), scheduler=models.ddim(), controlnet=models.controlnet(unet),
-                  text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
-                  requires_safety_checker=False)
-    g = torch.Generator().manual_seed(0)
-    kwargs = dict(prompt_embeds=torch.randn(1, 7, 24, generator=g),
-                  negative_prompt_embeds=torch.randn(1, 7, 24, generator=g),
-                  image=torch.rand(1, 3, 32, 32, generator=g), num_inference_steps=3, output_type="latent",
-                  guidance_scale=5.0, height=32, width=32)
-    expected, attached, plain = _latents_pair(
-        StableDiffusionControlNetPAGPipeline(**common, pag_applied_layers=["mid"]),
-        StableDiffusionControlNetPipeline(**common), [pagkit.PAG(2.0, layers="mid")], {"pag_scale": 2.0}, kwargs)
-    assert (attached - expected).abs().max() < 1e-4 < (plain - expected).abs().max()
-
-
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
 def test_sag_matches_diffusers_sag_pipeline(guidance_scale):
     from diffusers import StableDiffusionSAGPipeline
@@ -119,26 +88,3 @@ def test_sag_matches_diffusers_sag_pipeline(guidance_scale):
         StableDiffusionSAGPipeline(**common), StableDiffusionPipeline(**common),
         [pagkit.SAG(0.75, layer="mid")], {"sag_scale": 0.75}, kwargs)
     assert (attached - expected).abs().max() < 1e-4 < (plain - expected).abs().max()
-
-
-def test_attach_on_pixart_matches_diffusers_pixart_pag_pipeline():
-    """PixArt keeps its CFG scale in a local variable; attach reads it off the call's arguments."""
-    from diffusers import PixArtSigmaPAGPipeline, PixArtSigmaPipeline
-    common = dict(transformer=models.pixart(), vae=models.vae(), scheduler=models.ddim(), text_encoder=None,
-                  tokenizer=None)
-    reference = PixArtSigmaPAGPipeline(**common, pag_applied_layers=["blocks.1"])
-    pipe = PixArtSigmaPipeline(**common)
-    g = torch.Generator().manual_seed(0)
-    kw = dict(negative_prompt=None, prompt_embeds=torch.randn(1, 5, 24, generator=g),
-              negative_prompt_embeds=torch.randn(1, 5, 24, generator=g), prompt_attention_mask=torch.ones(1, 5),
-              negative_prompt_attention_mask=torch.ones(1, 5), num_inference_steps=3, output_type="latent",
-              height=16, width=16, use_resolution_binning=False)
-    for guidance_scale in (4.0, 1.0):
-        expected = reference(**kw, guidance_scale=guidance_scale, pag_scale=2.0,
-                             generator=torch.Generator().manual_seed(1)).images
-        with pagkit.attach(pipe, pagkit.PAG(2.0, layers="blocks.1")):
-            attached = pipe(**kw, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(1)).images
-        plain = pipe(**kw, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(1)).images
-        assert (attached - expected).abs().max() < 1e-4
-        assert (plain - expected).abs().max() > 1e-3
-    assert type(pipe) is PixArtSigmaPipeline  # the call-recording subclass is gone after exit
