@@ -17,6 +17,7 @@ stage holding the first perturbed layer runs in full.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -59,8 +60,8 @@ def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, so
     index = torch.tensor(source_rows, dtype=torch.long)
     batch = len(source_rows)
 
-    def take(value):
-        return map_rows(value, batch, lambda v: v[:shared_rows], shared)
+    def take(value, name=None):
+        return map_rows(value, batch, lambda v: v[:shared_rows], shared, name)
 
     def expand(value):
         return map_rows(value, shared_rows, lambda v: v.index_select(0, index.to(v.device)), shared)
@@ -70,9 +71,16 @@ def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, so
         for name in stage_names:
             module = modules[name]
             original = module.forward
+            # positional arguments keep their names, so a shared input passed positionally is not sliced
+            try:
+                names = [p.name for p in inspect.signature(original).parameters.values()
+                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            except (TypeError, ValueError):  # no signature to read: positional arguments go unnamed
+                names = []
 
-            def forward(*args, __original=original, **kwargs):
-                return expand(__original(*take(args), **take(kwargs)))
+            def forward(*args, __original=original, __names=names, **kwargs):
+                args = tuple(take(a, __names[i] if i < len(__names) else None) for i, a in enumerate(args))
+                return expand(__original(*args, **take(kwargs)))
 
             had_own = "forward" in vars(module)
             module.forward = forward

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models import attention_processor
-from diffusers.models.transformers import transformer_flux, transformer_qwenimage
+from diffusers.models.transformers import transformer_cogview4, transformer_flux, transformer_qwenimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
@@ -27,19 +27,23 @@ FAMILIES = {
     "qwenimage": (models.qwenimage, models.qwenimage_inputs),
     "chroma": (models.chroma, models.chroma_inputs),
     "auraflow": (models.auraflow, models.auraflow_inputs),
+    "cogview4": (models.cogview4, models.cogview4_inputs),
 }
 
 # modules whose processors call diffusers' dispatch_attention_fn by the name they imported
 DISPATCH_MODULES = (transformer_flux, transformer_qwenimage)
+# modules whose processors call torch.nn.functional's SDPA through their own name F
+F_MODULES = (attention_processor, transformer_cogview4)
 
 # per family: the kinds of its sites, and modules that hold attention but must not be sites
 KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"},
-         "auraflow": {"joint", "single"}}
+         "auraflow": {"joint", "single"}, "cogview4": {"joint"}}
 NOT_SITES = {}
 # per family: whether the image tokens come first in its joint/single-stream sequences (read off the processors)
-IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "chroma": False, "auraflow": False}
-# per family: the image grid (in tokens) that its backend reads off the inputs built in tests/models.py
-GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12)}
+IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "chroma": False, "auraflow": False,
+               "cogview4": False}
+# per family: the image grid its backend reads off the inputs of tests/models.py (in the units sites divide by)
+GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12)}
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -110,7 +114,8 @@ class _Reference:
                 return out.transpose(1, 2)
             return dispatch
 
-        monkeypatch.setattr(attention_processor, "F", FunctionalWithReference())
+        for module in F_MODULES:
+            monkeypatch.setattr(module, "F", FunctionalWithReference())
         for module in DISPATCH_MODULES:
             monkeypatch.setattr(module, "dispatch_attention_fn", dispatch_of(module.dispatch_attention_fn))
 
@@ -246,3 +251,16 @@ def test_guide_takes_the_transformers_own_signature():
     guided = pagkit.guide(model, [pagkit.PAG(0.0, layers="blocks.0")])
     out = guided(hidden_states=x, timestep=t, **cond, return_dict=False)[0]
     assert torch.equal(out, model(hidden_states=x, timestep=t, **cond, return_dict=False)[0])
+
+
+def test_prefix_sharing_passes_positional_shared_inputs_whole():
+    """CogView4 hands its rotary table to every block positionally; with as many image tokens as shared rows
+    (3 × 4 image tokens, batch 4 × 3 branches) a shape guess would slice it as if it were per sample."""
+    model = models.cogview4()
+    x, t, cond = models.cogview4_inputs(batch=4, h=6, w=8)
+    last = pagkit.layers(model)[-1].name
+    terms = [pagkit.PAG(2.0, layers=last), pagkit.SEG(1.5, layers=last)]
+    shared = GuidedDenoiser(model, terms).predict(x, t, cond)
+    full = GuidedDenoiser(model, terms, prefix_sharing=False).predict(x, t, cond)
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+
