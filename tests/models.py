@@ -42,12 +42,13 @@ def sdxl_unet(seed=0, **overrides) -> UNet2DConditionModel:
 
 
 def vae(seed=0, **overrides) -> AutoencoderKL:
-    """Latents at 1/2 of the image size (SD3 pipelines also need ``shift_factor=``)."""
+    """Latents at 1/2 of the image size (SD3 and Flux pipelines also need ``shift_factor=``)."""
     torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
-                         **overrides).eval()
+    config = dict(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8)
+    config.update(overrides)
+    return AutoencoderKL(**config).eval()
 
 
 def controlnet(unet: UNet2DConditionModel, seed=1) -> ControlNetModel:
@@ -178,23 +179,3 @@ def auraflow_inputs(batch=2, seed=1, h=8, w=12, text=5):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([0.5] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g)))
-
-
-def cogview4(seed=0):
-    from diffusers import CogView4Transformer2DModel
-    torch.manual_seed(seed)
-    return CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                      attention_head_dim=8, num_attention_heads=2, text_embed_dim=24,
-                                      time_embed_dim=8, condition_dim=4, sample_size=8).eval()
-
-
-def cogview4_inputs(batch=2, seed=1, h=8, w=12, text=5):
-    """The last sample's text has two padding tokens (CogView4's text attention_mask)."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(batch, text)
-    mask[-1, -2:] = 0.0
-    size = torch.tensor([[h * 8.0, w * 8.0]] * batch)
-    return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([500.0] * batch),
-            dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g), original_size=size,
-                 target_size=size, crop_coords=torch.zeros(batch, 2), attention_mask=mask))
-

@@ -158,10 +158,13 @@ class GuidedDenoiser:
         ``external_cfg=w``: the caller (a diffusers pipeline) applies CFG with scale w
         itself. Then this returns ``cat([ε_u, ε_c + Δ/w])`` with Δ the PAG/SEG/SAG
         terms, so that the caller's ε_u + w(ε_c' − ε_u) equals
-        ε_u + w(ε_c − ε_u) + Δ exactly as the formulas say.
+        ε_u + w(ε_c − ε_u) + Δ exactly as the formulas say. With ``uncond=None`` the
+        caller computes ε_u in a call of its own (Flux's ``true_cfg_scale``): this
+        returns ε_c + Δ/w only.
         """
         cond = cond or {}
-        branches, scales, cfg_scale = self.branches(progress, external_cfg)
+        separate_uncond = external_cfg is not None and uncond is None
+        branches, scales, cfg_scale = self.branches(progress, None if separate_uncond else external_cfg)
         if cfg_scale is not None and uncond is None:
             raise ValueError("CFG needs the unconditional inputs (uncond=..., e.g. the null class or empty prompt)")
         sag_scale = self.sag.scale_at(progress) if self.sag is not None and self.sag.active(progress) else None
@@ -196,9 +199,10 @@ class GuidedDenoiser:
         if external_cfg is not None:
             delta = sum(s * (eps["cond"] - eps[k]) for k, s in scales.items()) + sag_term
             cond_out = eps["cond"] + delta / external_cfg
-            halves = [eps["uncond"], cond_out]
+            keys = ("cond",) if separate_uncond else ("uncond", "cond")
+            halves = [cond_out] if separate_uncond else [eps["uncond"], cond_out]
             if learned_sigma:
-                halves = [torch.cat([h, preds[k][:, channels:]], dim=1) for h, k in zip(halves, ("uncond", "cond"))]
+                halves = [torch.cat([h, preds[k][:, channels:]], dim=1) for h, k in zip(halves, keys)]
             return torch.cat(halves)
         guided = combine(eps, scales, cfg_scale) + sag_term
         if self.guidance_rescale and (scales or cfg_scale is not None or sag_scale is not None):

@@ -6,8 +6,11 @@
 The pipeline keeps doing its own CFG. For its conditional half the wrapper
 returns ε_c' = ε_c + Δ/w (Δ = the PAG/SEG/SAG terms), so the pipeline's
 ε_u + w(ε_c' − ε_u) is exactly ε_u + w(ε_c − ε_u) + Δ. Without CFG it returns
-ε_c + Δ. All branches still run in one batched forward. On exit, also after an
-exception, the denoiser's forward and processors are as before.
+ε_c + Δ. All branches still run in one batched forward. Pipelines that run CFG
+as a second, unconditional call (Flux's and Qwen-Image's ``true_cfg_scale`` with a
+negative prompt) get ε_c + Δ/w from the conditional call and the plain ε_u from
+the other. On exit, also after an exception, the denoiser's forward and
+processors are as before.
 """
 from __future__ import annotations
 
@@ -27,18 +30,38 @@ _COND_FIRST = ("DiTPipeline",)
 
 
 def _pipeline_cfg_scale(pipe, call_args: dict) -> float | None:
-    """The CFG scale the pipeline is applying right now, or None.
+    """The scale of the CFG the pipeline applies to a [∅; c] batch right now, or None.
 
-    SD-family pipelines expose it (``do_classifier_free_guidance``); PixArt and DiT keep
-    it in a local variable, so it is read off the arguments of the running ``__call__``
-    (they guide exactly when guidance_scale > 1).
+    SD-family pipelines expose it (``do_classifier_free_guidance``). Pipelines with a
+    ``true_cfg_scale`` (Flux, Qwen-Image) never batch CFG: their ``guidance_scale`` is a
+    distilled-guidance input of the model. PixArt and DiT keep it in a local variable,
+    so it is read off the arguments of the running ``__call__`` (they guide exactly
+    when guidance_scale > 1).
     """
     try:
         doing_cfg = bool(pipe.do_classifier_free_guidance)
         return float(pipe.guidance_scale) if doing_cfg else None
     except AttributeError:
+        if "true_cfg_scale" in call_args:
+            return None
         w = call_args.get("guidance_scale")
         return float(w) if w is not None and w > 1.0 else None
+
+
+def _separate_cfg_scale(call_args: dict) -> float | None:
+    """The scale of a CFG run as a second, unconditional call (``true_cfg_scale`` > 1 and a negative prompt), or None.
+
+    The rule is FluxPipeline's and QwenImagePipeline's: negative embeddings count only with their companion
+    (``negative_pooled_prompt_embeds`` / ``negative_prompt_embeds_mask``) where the pipeline takes one.
+    """
+    w = call_args.get("true_cfg_scale")
+    if w is None or w <= 1.0:
+        return None
+    if call_args.get("negative_prompt") is not None:
+        return float(w)
+    negative = [k for k in ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_embeds_mask")
+                if k in call_args]
+    return float(w) if negative and all(call_args[k] is not None for k in negative) else None
 
 
 def _progress(pipe, timestep, divisor: float = 1.0) -> float:
@@ -59,7 +82,7 @@ def _progress(pipe, timestep, divisor: float = 1.0) -> float:
 
 
 @contextmanager
-def _recording_call_arguments(pipe):
+def _recording_call_arguments(pipe, on_call=None):
     """Swap in a subclass of the pipeline whose ``__call__`` records its bound arguments; restore on exit."""
     cls = type(pipe)
     signature = inspect.signature(cls.__call__)
@@ -70,6 +93,8 @@ def _recording_call_arguments(pipe):
         bound.apply_defaults()
         call_args.clear()
         call_args.update(bound.arguments)
+        if on_call is not None:
+            on_call()
         return cls.__call__(self, *args, **kwargs)
 
     pipe.__class__ = type(cls.__name__, (cls,), {"__call__": recording_call, "__module__": cls.__module__})
@@ -110,7 +135,18 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         x, t = inputs.pop(first), inputs.pop("timestep")
         progress = _progress(pipe, t, denoiser.backend.timestep_divisor)
         w = _pipeline_cfg_scale(pipe, call_args)
-        if w is not None and x.shape[0] % 2 == 0:
+        w_separate = _separate_cfg_scale(call_args)
+        if w_separate is not None:
+            # which call of the step this is: the pipeline's cache_context names it; without one, the
+            # conditional call comes first at each timestep (FluxPipeline, QwenImagePipeline)
+            t_now = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+            step["calls"] = step["calls"] + 1 if step.get("t") == t_now else 0
+            step["t"] = t_now
+            name = context.get("name") or ("uncond" if step["calls"] % 2 else "cond")
+            if name == "uncond":
+                return original_forward(*args, **kwargs)
+            out = denoiser.predict(x, t, inputs, None, progress, external_cfg=w_separate)
+        elif w is not None and x.shape[0] % 2 == 0:
             half = x.shape[0] // 2
             shared = denoiser.backend.shared_inputs
             inputs_a, inputs_b = split_rows(inputs, x.shape[0], [half, half], shared)  # the CFG batch's halves
@@ -125,12 +161,33 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
     cond_first = type(pipe).__name__ in _COND_FIRST
+    step: dict = {}  # the last timestep and how many calls it has had (separate-call CFG)
+    context: dict = {}  # the name of the pipeline's current cache_context ("cond", "uncond"), if it opens one
+    had_own_context = "cache_context" in vars(model)
+    original_context = getattr(model, "cache_context", None)
+
+    @contextmanager
+    def naming_cache_context(name, *args, **kwargs):
+        context["name"] = name
+        try:
+            with original_context(name, *args, **kwargs):
+                yield
+        finally:
+            context.pop("name", None)
+
     model.forward = guided_forward
+    if original_context is not None:
+        model.cache_context = naming_cache_context
     try:
-        with _recording_call_arguments(pipe) as call_args:
+        with _recording_call_arguments(pipe, on_call=step.clear) as call_args:
             yield pipe
     finally:
         if had_own_forward:
             model.forward = original_forward
         else:
             del model.forward
+        if original_context is not None:
+            if had_own_context:
+                model.cache_context = original_context
+            else:
+                del model.cache_context

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models import attention_processor
-from diffusers.models.transformers import transformer_cogview4, transformer_flux, transformer_qwenimage
+from diffusers.models.transformers import (transformer_cogview4, transformer_flux, transformer_lumina2,
+                                           transformer_qwenimage)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
@@ -28,22 +29,24 @@ FAMILIES = {
     "chroma": (models.chroma, models.chroma_inputs),
     "auraflow": (models.auraflow, models.auraflow_inputs),
     "cogview4": (models.cogview4, models.cogview4_inputs),
+    "lumina2": (models.lumina2, models.lumina2_inputs),
 }
 
 # modules whose processors call diffusers' dispatch_attention_fn by the name they imported
 DISPATCH_MODULES = (transformer_flux, transformer_qwenimage)
 # modules whose processors call torch.nn.functional's SDPA through their own name F
-F_MODULES = (attention_processor, transformer_cogview4)
+F_MODULES = (attention_processor, transformer_cogview4, transformer_lumina2)
 
 # per family: the kinds of its sites, and modules that hold attention but must not be sites
 KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"},
-         "auraflow": {"joint", "single"}, "cogview4": {"joint"}}
-NOT_SITES = {}
+         "auraflow": {"joint", "single"}, "cogview4": {"joint"},
+         "lumina2": {"self", "single"}}
+NOT_SITES = {"lumina2": ["context_refiner.0.attn"]}
 # per family: whether the image tokens come first in its joint/single-stream sequences (read off the processors)
 IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "chroma": False, "auraflow": False,
-               "cogview4": False}
+               "cogview4": False, "lumina2": False}
 # per family: the image grid its backend reads off the inputs of tests/models.py (in the units sites divide by)
-GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12)}
+GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12), "lumina2": (8, 12)}
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -264,3 +267,35 @@ def test_prefix_sharing_passes_positional_shared_inputs_whole():
     full = GuidedDenoiser(model, terms, prefix_sharing=False).predict(x, t, cond)
     torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
 
+
+def test_lumina2_image_tokens_follow_each_caption_not_the_end_of_the_sequence():
+    """With CFG's negative caption longer than the prompt, Lumina2 packs the perturbed rows as
+    [3 caption tokens; image; padding]: the batched guided step must equal the branches run separately
+    (where the image is at the end), with prefix sharing and without."""
+    model = models.lumina2()
+    x, t, cond = models.lumina2_inputs(valid=3)
+    _, _, uncond = models.lumina2_inputs(seed=2, valid=5)
+    last = pagkit.layers(model)[-1].name
+    terms = [pagkit.CFG(3.0), pagkit.PAG(2.0, layers=last), pagkit.SEG(1.5, layers=last)]
+    backend = GuidedDenoiser(model, []).backend
+
+    def run(inputs, p=None):
+        with routed(model, [last] if p else []) as router:
+            router.info = backend.forward_info(model, x, inputs)
+            router.plan = [Segment(0, x.shape[0], {last: p})] if p else []
+            return model(x, timestep=t, **inputs, return_dict=False)[0]
+    eps_c, eps_u = run(cond), run(uncond)
+    separate = (eps_u + 3.0 * (eps_c - eps_u) + 2.0 * (eps_c - run(cond, Identity()))
+                + 1.5 * (eps_c - run(cond, Uniform())))
+    for sharing in (True, False):
+        batched = GuidedDenoiser(model, terms, prefix_sharing=sharing).predict(x, t, cond, uncond)
+        torch.testing.assert_close(batched, separate, rtol=0, atol=1e-5)
+
+
+def test_lumina2_captions_of_different_lengths_have_no_single_stream_layout():
+    model = models.lumina2()
+    x, t, cond = models.lumina2_inputs()
+    cond["encoder_attention_mask"][0, 3] = True  # the first caption is one token longer
+    with pytest.raises(ValueError, match="differ in length"):
+        GuidedDenoiser(model, [pagkit.PAG(2.0, layers="layers.1.attn")]).predict(x, t, cond)
+    GuidedDenoiser(model, [pagkit.PAG(2.0, layers="noise_refiner.0.attn")]).predict(x, t, cond)  # image-only: fine

@@ -1,0 +1,221 @@
+"""``pagkit.attach`` in joint-attention pipelines diffusers has no PAG pipeline for: Flux, SD3.5.
+
+Each run is checked against a reference computed here: the pipeline with its transformer's forward replaced by
+``_HandGuided``, which forms ε̃ from a plain forward and a separate fully perturbed forward (pagkit's routing
+perturbs; the contract tests check that against an explicit-mask attention) and counts the steps itself.
+Flux runs CFG not at all (guidance-distilled: ``guidance_scale`` is a model input) or as a second,
+unconditional call (``true_cfg_scale`` with a negative prompt); SD3.5 batches [∅; c] as SD3 does.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, StableDiffusion3Pipeline
+
+import models
+import pagkit
+from pagkit.backends import detect
+from pagkit.perturb import Identity
+from pagkit.routing import Segment, routed
+
+STEPS = 3
+FLUX_LAYERS = ["double.1", "single.0"]  # one joint and one single-stream site
+
+
+class _HandGuided:
+    """A transformer forward that returns the guided ε of PAG(scale, layers, start, stop), computed by hand.
+
+    ``batched_cfg=w``: the pipeline sends [∅; c] and applies w itself, so the conditional half gets ε_c + Δ/w.
+    ``separate_cfg=w`` with ``negative``: calls whose text is ``negative`` are the unconditional ones
+    (plain ε_u); the others get ε_c + Δ/w. Otherwise ε_c + Δ. Δ = s(ε_c − ε̂_c); the step is the count of
+    conditional calls.
+    """
+
+    def __init__(self, model, layers, scale, steps, *, start=0.0, stop=1.0, batched_cfg=None, separate_cfg=None,
+                 negative=None):
+        self.model, self.scale, self.steps, self.start, self.stop = model, scale, steps, start, stop
+        self.names = pagkit.resolve_layers(model, layers)
+        self.batched_cfg, self.separate_cfg, self.negative = batched_cfg, separate_cfg, negative
+        self.forward = type(model).forward.__get__(model)
+        self.step = 0
+
+    def perturbed(self, kwargs):
+        backend = detect(self.model)
+        x = kwargs["hidden_states"]
+        with routed(self.model, self.names, backend) as router:
+            router.info = backend.forward_info(self.model, x, kwargs)
+            router.plan = [Segment(0, x.shape[0], {n: Identity() for n in self.names})]
+            return self.forward(**kwargs)[0]
+
+    def __call__(self, **kwargs):
+        kwargs["return_dict"] = False
+        eps = self.forward(**kwargs)[0]
+        if self.negative is not None and torch.equal(kwargs["encoder_hidden_states"], self.negative):
+            return (eps,)
+        progress, self.step = self.step / self.steps, self.step + 1
+        if not self.start <= progress < self.stop:
+            return (eps,)
+        delta = self.scale * (eps - self.perturbed(kwargs))
+        if self.batched_cfg is not None:
+            half = eps.shape[0] // 2
+            return (torch.cat([eps[:half], eps[half:] + delta[half:] / self.batched_cfg]),)
+        return (eps + delta / (self.separate_cfg or 1.0),)
+
+
+def _run(pipe, kwargs, *guidance, hand=None, callback=None):
+    extra = {} if callback is None else dict(callback_on_step_end=callback)
+    generator = torch.Generator().manual_seed(1)
+    if hand is not None:
+        pipe.transformer.forward = hand
+        try:
+            return pipe(**kwargs, **extra, generator=generator).images
+        finally:
+            del pipe.transformer.forward
+    if not guidance:
+        return pipe(**kwargs, **extra, generator=generator).images
+    with pagkit.attach(pipe, *guidance):
+        return pipe(**kwargs, **extra, generator=generator).images
+
+
+def _flux_scheduler():
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def _flux(mode: str):
+    """FluxPipeline and its inputs: ``distilled`` (guidance embedding, two images per prompt, no CFG) or
+    ``true_cfg`` (no guidance embedding, a negative prompt, true_cfg_scale=4)."""
+    distilled = mode == "distilled"
+    pipe = FluxPipeline(scheduler=_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=models.flux(guidance_embeds=distilled))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt_embeds=torch.randn(1, 5, 24, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 12, generator=g), height=48, width=64,  # 3×4 packed tokens
+                  num_inference_steps=STEPS, output_type="latent")
+    if distilled:
+        kwargs.update(guidance_scale=3.5, num_images_per_prompt=2)
+    else:
+        kwargs.update(true_cfg_scale=4.0, negative_prompt_embeds=torch.randn(1, 5, 24, generator=g),
+                      negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g))
+    return pipe, kwargs
+
+
+def _hand_for_flux(pipe, kwargs, scale, **schedule):
+    return _HandGuided(pipe.transformer, FLUX_LAYERS, scale, kwargs["num_inference_steps"], **schedule,
+                       separate_cfg=kwargs.get("true_cfg_scale"), negative=kwargs.get("negative_prompt_embeds"))
+
+
+@pytest.mark.parametrize("mode", ["distilled", "true_cfg"])
+def test_flux_neutral_scale_is_the_plain_pipeline_and_pag_equals_the_hand_reference(mode):
+    pipe, kwargs = _flux(mode)
+    plain = _run(pipe, kwargs)
+    neutral = _run(pipe, kwargs, pagkit.PAG(0.0, layers=FLUX_LAYERS))
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers=FLUX_LAYERS))
+    expected = _run(pipe, kwargs, hand=_hand_for_flux(pipe, kwargs, 2.0))
+    assert torch.equal(neutral, plain)
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+    assert (plain - expected).abs().max() > 1e-3
+    assert type(pipe) is FluxPipeline and "cache_context" not in vars(pipe.transformer)
+
+
+def test_flux_true_cfg_adds_pag_to_the_conditional_call_only():
+    """Each step: the conditional call runs [c; c perturbed] in one forward, the unconditional one runs alone."""
+    pipe, kwargs = _flux("true_cfg")
+    model = pipe.transformer
+    forward = type(model).forward.__get__(model)
+    batches = []
+
+    def recording(*args, **kw):
+        call = inspect.signature(forward).bind(*args, **kw).arguments
+        batches.append((call["hidden_states"].shape[0],
+                        torch.equal(call["encoder_hidden_states"], kwargs["negative_prompt_embeds"])))
+        return forward(*args, **kw)
+    recording.__wrapped__ = forward  # the model's signature, which attach binds
+    model.forward = recording  # attach wraps this forward, so it sees what attach sends the model
+    try:
+        _run(pipe, kwargs, pagkit.PAG(2.0, layers=FLUX_LAYERS))
+    finally:
+        del model.forward
+    assert batches == [(2, False), (1, True)] * STEPS
+
+
+def test_flux_img2img_true_cfg_without_cache_context():
+    """FluxImg2ImgPipeline names no cache_context: attach tells its calls apart by order (conditional first)."""
+    vae = models.vae(latent_channels=2, shift_factor=0.1)
+    pipe = FluxImg2ImgPipeline(scheduler=_flux_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=models.flux())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt_embeds=torch.randn(1, 5, 24, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 12, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 5, 24, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g), true_cfg_scale=4.0,
+                  image=torch.rand(1, 3, 24, 32, generator=g), strength=0.75, height=24, width=32,
+                  num_inference_steps=4, output_type="latent")
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers=FLUX_LAYERS))
+    expected = _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, FLUX_LAYERS, 2.0, 3, separate_cfg=4.0,
+                                                   negative=kwargs["negative_prompt_embeds"]))
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+    assert (_run(pipe, kwargs) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["distilled", "true_cfg"])
+@pytest.mark.parametrize("schedule", [dict(start=0.5), dict(stop=0.5)])
+def test_flux_intervals_follow_the_flow_matching_steps(mode, schedule):
+    """Flux calls the transformer with t/1000 and its scheduler's timesteps are σ·1000: progress = step index ÷ N.
+
+    With start=0.5 of 4 steps, the latents after steps 1 and 2 are the plain pipeline's exactly, and the hand
+    reference (which counts steps) agrees at every step.
+    """
+    pipe, kwargs = _flux(mode)
+    kwargs["num_inference_steps"] = 4
+
+    def recorder(into):
+        def callback(pipe, i, t, tensors):
+            into.append(tensors["latents"].clone())
+            return tensors
+        return callback
+    plain, attached, expected = [], [], []
+    _run(pipe, kwargs, callback=recorder(plain))
+    _run(pipe, kwargs, pagkit.PAG(2.0, layers=FLUX_LAYERS, **schedule), callback=recorder(attached))
+    _run(pipe, kwargs, hand=_hand_for_flux(pipe, kwargs, 2.0, **schedule), callback=recorder(expected))
+    for a, e in zip(attached, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-4)
+    same = [torch.equal(a, p) for a, p in zip(attached, plain)]
+    assert same == ([True, True, False, False] if "start" in schedule else [False] * 4)
+
+
+def _sd35():
+    pipe = StableDiffusion3Pipeline(transformer=models.sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1)),
+                                    vae=models.vae(shift_factor=0.1), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt_embeds=torch.randn(1, 5, 24, generator=g),
+                  negative_prompt_embeds=torch.randn(1, 5, 24, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 12, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g), height=32, width=32,
+                  num_inference_steps=STEPS, output_type="latent")
+    return pipe, kwargs
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_sd35_pipeline_neutral_scale_is_plain_and_pag_equals_the_hand_reference(guidance_scale):
+    """StableDiffusion3Pipeline with an SD3.5-shaped transformer (RMS QK-norm, dual attention): blocks.1 is its
+    joint ``attn`` and its self-attention ``attn2``."""
+    pipe, kwargs = _sd35()
+    kwargs["guidance_scale"] = guidance_scale
+    w = guidance_scale if guidance_scale > 1 else None
+    assert pagkit.resolve_layers(pipe.transformer, "blocks.1") == ["transformer_blocks.1.attn",
+                                                                   "transformer_blocks.1.attn2"]
+    plain = _run(pipe, kwargs)
+    neutral = _run(pipe, kwargs, pagkit.PAG(0.0, layers="blocks.1"))
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers="blocks.1"))
+    expected = _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, "blocks.1", 2.0, STEPS, batched_cfg=w))
+    assert torch.equal(neutral, plain)
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+    assert (plain - expected).abs().max() > 1e-3
