@@ -179,3 +179,40 @@ def auraflow_inputs(batch=2, seed=1, h=8, w=12, text=5):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([0.5] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g)))
+
+
+def cogview4(seed=0):
+    from diffusers import CogView4Transformer2DModel
+    torch.manual_seed(seed)
+    return CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                      attention_head_dim=8, num_attention_heads=2, text_embed_dim=24,
+                                      time_embed_dim=8, condition_dim=4, sample_size=8).eval()
+
+
+def cogview4_inputs(batch=2, seed=1, h=8, w=12, text=5):
+    """The last sample's text has two padding tokens (CogView4's text attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text)
+    mask[-1, -2:] = 0.0
+    size = torch.tensor([[h * 8.0, w * 8.0]] * batch)
+    return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g), original_size=size,
+                 target_size=size, crop_coords=torch.zeros(batch, 2), attention_mask=mask))
+
+
+def lumina2(seed=0):
+    from diffusers import Lumina2Transformer2DModel
+    torch.manual_seed(seed)
+    return Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2,
+                                     num_refiner_layers=1, num_attention_heads=3, num_kv_heads=1, multiple_of=2,
+                                     norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=(4, 2, 2),
+                                     axes_lens=(64, 64, 64), cap_feat_dim=8).eval()
+
+
+def lumina2_inputs(batch=2, seed=1, h=8, w=12, text=5, valid=3):
+    """Every caption has ``valid`` real tokens, then padding (masked, as Lumina2Pipeline pads prompts)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, text, dtype=torch.bool)
+    mask[:, :valid] = True
+    return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([0.5] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 8, generator=g), encoder_attention_mask=mask))
