@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from . import io
 
-CLASSIFIER_NAME = "fmnist-classifier"
+CLASSIFIER_NAME = "fmnist-classifier"  # the primary feature network (the metrics' fd, kid, ...)
+SECOND_CLASSIFIER_NAME = "fmnist-classifier-b"  # the second one, of another design and seed (fd_b, kid_b)
 
 
 class FashionClassifier(nn.Module):
@@ -46,6 +47,48 @@ class FashionClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = (nn.Identity() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+class ResNetClassifier(nn.Module):
+    """A small ResNet for 32×32 Fashion-MNIST, unlike ``FashionClassifier`` by design: a strided stem
+    (16×16), three residual stages (16×16, 8×8, 4×4; strided convolutions, no max pooling, no dropout), and
+    ``features`` is the global average of the last stage (4·width channels, 96 at width 24) rather than a
+    fully connected layer over the flattened map."""
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.body = nn.Sequential(_ResidualBlock(width, width, 1), _ResidualBlock(width, 2 * width, 2),
+                                  _ResidualBlock(2 * width, 4 * width, 2))
+        self.num_features = 4 * width
+        self.classify = nn.Linear(self.num_features, 10)
+        self.width = width
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.stem(x)).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
+
+
+# config.json's "arch" -> (class, default width); a config without "arch" is the original VGG-style one
+ARCHITECTURES = {"vgg": (FashionClassifier, 16), "resnet": (ResNetClassifier, 24)}
 
 
 class FeatureExtractor(nn.Module):
@@ -74,24 +117,41 @@ class PassThrough(nn.Module):
         return x
 
 
-def classifier_dir() -> Path:
-    return Path(__file__).parent / "models" / CLASSIFIER_NAME
+def classifier_dir(name: str = CLASSIFIER_NAME) -> Path:
+    return Path(__file__).parent / "models" / name
 
 
-def load_classifier(path: str | Path | None = None) -> FashionClassifier:
+def second_classifier_dir() -> Path:
+    return classifier_dir(SECOND_CLASSIFIER_NAME)
+
+
+def make_classifier(arch: str = "vgg", width: int | None = None) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown classifier arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    cls, default_width = ARCHITECTURES[arch]
+    return cls(width=width or default_width)
+
+
+def load_classifier(path: str | Path | None = None) -> nn.Module:
+    """A feature classifier folder (model.safetensors + config.json, whose "arch" names the design; default
+    "vgg"): the shipped primary one when ``path`` is None. Weights are read with safetensors only."""
     path = Path(path) if path else classifier_dir()
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"no classifier at {path} (model.safetensors); train one with "
                                 "`python -m pagkit.metrics --train-classifier`")
     config = json.loads((path / "config.json").read_text())
-    model = FashionClassifier(width=config["width"])
+    model = make_classifier(config.get("arch", "vgg"), config["width"])
     model.load_state_dict(io.load_tensors(path / "model.safetensors"))
     return model.eval()
 
 
 def train_classifier(out: str | Path | None = None, epochs: int = 10, batch_size: int = 128, seed: int = 0,
-                     threads: int = 2, data_dir=None) -> float:
-    """Train the feature classifier; writes model.safetensors, config.json (with test accuracy). Returns accuracy."""
+                     threads: int = 2, data_dir=None, arch: str = "vgg", width: int | None = None,
+                     command: str | None = None) -> float:
+    """Train a feature classifier; writes model.safetensors, config.json (arch, width, test accuracy, seed,
+    command, minutes). Returns the test accuracy."""
+    import time
+
     from tqdm.auto import tqdm
 
     from .data import load_fashion_mnist
@@ -100,12 +160,13 @@ def train_classifier(out: str | Path | None = None, epochs: int = 10, batch_size
     out = Path(out) if out else classifier_dir()
     x_train, y_train = load_fashion_mnist("train", data_dir)
     x_test, y_test = load_fashion_mnist("test", data_dir)
-    model = FashionClassifier()
+    model = make_classifier(arch, width)
+    began = time.perf_counter()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
     steps = epochs * (len(x_train) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps, desc="classifier", unit="step")
+    bar = tqdm(total=steps, desc=f"classifier ({arch})", unit="step")
     for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(x_train), generator=g)
@@ -123,10 +184,14 @@ def train_classifier(out: str | Path | None = None, epochs: int = 10, batch_size
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     accuracy = classifier_accuracy(model, x_test, y_test)
+    minutes = (time.perf_counter() - began) / 60
     io.save_tensors(out / "model.safetensors", model.state_dict())
-    io.write_json(out / "config.json", {"width": model.width, "num_features": model.num_features,
+    io.write_json(out / "config.json", {"arch": arch, "width": model.width, "num_features": model.num_features,
                                         "test_accuracy": accuracy, "epochs": epochs, "batch_size": batch_size,
-                                        "seed": seed})
+                                        "seed": seed, "command": command, "train_minutes": round(minutes, 1),
+                                        "threads": threads,
+                                        "data": "Fashion-MNIST train (60k), horizontal flips; accuracy on the "
+                                                "10k test set"})
     return accuracy
 
 
@@ -224,8 +289,17 @@ if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="train pagkit's Fashion-MNIST feature classifier")
     parser.add_argument("--train-classifier", action="store_true", required=True)
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="vgg",
+                        help="vgg: the primary fmnist-classifier's design; resnet: fmnist-classifier-b's")
+    parser.add_argument("--width", type=int, default=None, help="channels of the first stage (default per arch)")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    print(f"test accuracy: {train_classifier(args.out, epochs=args.epochs, threads=args.threads):.4f}")
+    import shlex
+    import sys
+    command = "python -m pagkit.metrics " + shlex.join(sys.argv[1:])
+    accuracy = train_classifier(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, arch=args.arch,
+                                width=args.width, command=command)
+    print(f"test accuracy: {accuracy:.4f}")
