@@ -17,7 +17,7 @@ import torch
 from . import guidance as G
 from .data import read_images
 from .layers import aliases, layers
-from .load import SCHEDULERS, load_model, load_scheduler, shipped_models
+from .load import SCHEDULERS, TIMESTEP_SPACINGS, load_model, load_scheduler, shipped_models
 from .restore import DEFAULT_STEP_SIZE, TASKS
 
 DEFAULT_UNCOND, DEFAULT_COND = "fmnist", "fmnist-cond"
@@ -96,18 +96,20 @@ def cmd_sample(args) -> None:
     if args.model:
         model = load_model(args.model)
         conditional = bool(model.config.get("num_class_embeds")) or args.class_label is not None
-        jobs.append((str(args.model), model, load_scheduler(args.model, args.scheduler), conditional))
+        jobs.append((str(args.model), model, load_scheduler(args.model, args.scheduler, args.timestep_spacing),
+                     conditional))
     else:
         shipped = shipped_models()
         if DEFAULT_UNCOND in shipped:
-            jobs.append((DEFAULT_UNCOND, load_model(DEFAULT_UNCOND), load_scheduler(DEFAULT_UNCOND, args.scheduler),
-                         False))
+            jobs.append((DEFAULT_UNCOND, load_model(DEFAULT_UNCOND),
+                         load_scheduler(DEFAULT_UNCOND, args.scheduler, args.timestep_spacing), False))
         else:
             model, scheduler = _random_demo_model()
             print("note: no shipped model found; sampling from a RANDOMLY INITIALISED UNet (noise, not clothes)")
             jobs.append(("RANDOM WEIGHTS", model, scheduler, False))
         if DEFAULT_COND in shipped:
-            jobs.append((DEFAULT_COND, load_model(DEFAULT_COND), load_scheduler(DEFAULT_COND, args.scheduler), True))
+            jobs.append((DEFAULT_COND, load_model(DEFAULT_COND),
+                         load_scheduler(DEFAULT_COND, args.scheduler, args.timestep_spacing), True))
     if args.list_layers:
         for title, model, _, _ in jobs:
             print(f"[{title}]")
@@ -215,7 +217,7 @@ def eval_configs(args) -> list:
                   layer_sets=[_layer_list(group) for group in args.layers.split(";")],
                   perturbations=args.perturbations, sigmas=args.seg_sigmas, intervals=args.intervals,
                   sag_layers=args.sag_layers, seed_sets=args.seed_sets, scheduler=args.scheduler, steps=args.steps,
-                  num_samples=args.num_samples)
+                  num_samples=args.num_samples, timestep_spacing=args.timestep_spacing)
 
 
 def cmd_eval(args) -> None:
@@ -225,10 +227,12 @@ def cmd_eval(args) -> None:
     from .load import load_model
     model = load_model(args.model)
     for config in configs:  # every layer name and scale checked before any sampling
-        GuidedDenoiser(model, config.terms(), scheduler=load_scheduler(args.model, args.scheduler))
+        GuidedDenoiser(model, config.terms(),
+                       scheduler=load_scheduler(args.model, args.scheduler, config.timestep_spacing))
     print(f"{len(configs)} configurations x {args.num_samples} samples -> {args.out}")
     sweep = Sweep(Path(args.out), configs, shard_size=args.shard_size, classifier=args.classifier,
-                  inception=args.inception, reference=args.reference, num_real=args.num_real, threads=args.threads,
+                  classifier_b=args.classifier_b, inception=args.inception, reference=args.reference,
+                  num_real=args.num_real, threads=args.threads,
                   max_new_shards=args.max_new_shards, progress=not args.quiet)
     rows = sweep.run()
     if rows:
@@ -298,6 +302,12 @@ def _pag_options(p, scale: float = DEFAULT_PAG_SCALE) -> None:
                    help="comma-separated layer names/aliases (default: down.2, the 8x8 encoder attention)")
 
 
+def _spacing_option(p) -> None:
+    p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
+                   help="the scheduler's timestep spacing (default: the model's scheduler config; the shipped "
+                        "models use leading, DDIM-20 from t=950; trailing starts at t=999)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pagkit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -311,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim",
                    help="sampler, built from the model's own scheduler config (default: ddim)")
     p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
+    _spacing_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=_positive_int, default=8, help="seeds per row (default 8)")
     p.add_argument("--cfg-scale", type=_finite, default=DEFAULT_CFG_SCALE,
@@ -358,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=_positive_int, default=250)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     p.add_argument("--steps", type=_positive_int, default=20)
+    _spacing_option(p)
     p.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
+    p.add_argument("--classifier-b", default=None,
+                   help="the second feature network's folder, for fd_b/kid_b (default: the shipped "
+                        "fmnist-classifier-b; not used with --inception)")
     p.add_argument("--inception", default=None, metavar="WEIGHTS.safetensors",
                    help="measure on FID InceptionV3 features instead (RGB models): torch-fidelity's "
                         "weights-inception-2015-12-05 saved as safetensors")

@@ -6,6 +6,12 @@ Layout of a sweep folder::
     OUT/results/<config>.json             one finished configuration: its full description + metrics
     OUT/results.{csv,json,md}, OUT/plots/*.png, OUT/grids/<config>.png   rebuilt from results/
 
+Metrics (``results/<config>.json`` → ``metrics``): ``fd``, ``kid`` (``kid_std``), ``is``, ``precision``,
+``recall`` and the saturation measures on the primary feature network (the shipped ``fmnist-classifier``,
+or ``classifier``/``inception``), and ``fd_b``, ``kid_b`` (``kid_std_b``) on the second one (the shipped
+``fmnist-classifier-b``: another architecture, another seed), which ``feature_space.json`` records as
+``features_b``. With Inception features there is no second network, and no ``*_b`` keys.
+
 A killed sweep, run again, skips every finished shard and configuration. The
 noise of shard k of seed set s is the same for every configuration (generator
 seed = 1_000_003·s + k), so configurations are compared on the same draws.
@@ -49,6 +55,7 @@ class EvalConfig:
     steps: int = 20
     num_samples: int = 2000
     seed_set: int = 0
+    timestep_spacing: str | None = None  # None: the model's own scheduler config (leading for the shipped ones)
 
     @property
     def key(self) -> str:
@@ -66,7 +73,8 @@ class EvalConfig:
                 parts.append(f"sigma{self.sigma:g}")
             if (self.start, self.stop) != (0.0, 1.0):
                 parts.append(f"t{self.start:g}-{self.stop:g}")
-        parts += [f"{self.scheduler}{self.steps}", f"n{self.num_samples}", f"seed{self.seed_set}"]
+        sampler = f"{self.scheduler}{self.steps}" + (f"-{self.timestep_spacing}" if self.timestep_spacing else "")
+        parts += [sampler, f"n{self.num_samples}", f"seed{self.seed_set}"]
         return re.sub(r"[^A-Za-z0-9.+_-]", "_", "_".join(parts))
 
     def terms(self) -> list:
@@ -90,9 +98,22 @@ class EvalConfig:
 
 def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), layer_sets=(("mid",),),
            perturbations=("identity",), sigmas=(math.inf,), intervals=((0.0, 1.0),), sag_layers=("mid",),
-           seed_sets=(0,), scheduler="ddim", steps=20, num_samples=2000) -> list[EvalConfig]:
-    """The cartesian product of the sweep's axes, per method (only the axes a method has)."""
-    base = EvalConfig(model=model, method="none", scheduler=scheduler, steps=steps, num_samples=num_samples)
+           seed_sets=(0,), scheduler="ddim", steps=20, num_samples=2000,
+           timestep_spacing: str | None = None) -> list[EvalConfig]:
+    """The cartesian product of the sweep's axes, per method (only the axes a method has).
+
+    ``timestep_spacing`` equal to the model's own (its scheduler config's) is stored as None, so that a
+    configuration has one key whether its spacing was named or left to the default.
+    """
+    if timestep_spacing is not None:
+        from .load import TIMESTEP_SPACINGS, default_timestep_spacing
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of "
+                             f"{', '.join(TIMESTEP_SPACINGS)}")
+        if timestep_spacing == default_timestep_spacing(model, scheduler):
+            timestep_spacing = None
+    base = EvalConfig(model=model, method="none", scheduler=scheduler, steps=steps, num_samples=num_samples,
+                      timestep_spacing=timestep_spacing)
     configs = []
     for seed_set in seed_sets:
         b = replace(base, seed_set=seed_set)
@@ -123,6 +144,8 @@ class Sweep:
     configs: list[EvalConfig]
     shard_size: int = 250
     classifier: str | None = None  # folder of the feature classifier (default: the shipped one)
+    classifier_b: str | None = None  # folder of the second feature network (default: fmnist-classifier-b)
+    second_network: bool = True  # also measure fd_b / kid_b (never with ``inception``)
     inception: str | None = None  # FID InceptionV3 weights (.safetensors): its features instead of the classifier's
     reference: str | None = None  # real images (folder or .safetensors); default: the Fashion-MNIST test set
     num_real: int = 10000
@@ -139,11 +162,19 @@ class Sweep:
             raise FileNotFoundError(f"no reference images at {self.reference}: give a folder of images or a "
                                     ".safetensors file with an 'images' tensor")
 
+    @property
+    def measures_b(self) -> bool:
+        return self.second_network and not self.inception
+
     def feature_space(self) -> dict:
-        """What the metrics are measured on; one output folder holds one feature space."""
-        return {"features": f"inception:{Path(self.inception).name}" if self.inception
-                else f"classifier:{Path(self.classifier).name if self.classifier else 'fmnist-classifier'}",
-                "reference": str(self.reference) if self.reference else "fashion-mnist test", "num_real": self.num_real}
+        """What the metrics are measured on; one output folder holds one feature space (both networks)."""
+        space = {"features": f"inception:{Path(self.inception).name}" if self.inception
+                 else f"classifier:{Path(self.classifier).name if self.classifier else 'fmnist-classifier'}"}
+        if self.measures_b:
+            name_b = Path(self.classifier_b).name if self.classifier_b else "fmnist-classifier-b"
+            space["features_b"] = f"classifier:{name_b}"
+        return {**space, "reference": str(self.reference) if self.reference else "fashion-mnist test",
+                "num_real": self.num_real}
 
     def shard_path(self, config: EvalConfig, k: int) -> Path:
         return self.out / "shards" / config.key / f"{k:05d}.safetensors"
@@ -161,7 +192,7 @@ class Sweep:
         from .load import load_scheduler
         from .sample import sample
         model = self._model(config.model)
-        scheduler = load_scheduler(config.model, config.scheduler)
+        scheduler = load_scheduler(config.model, config.scheduler, timestep_spacing=config.timestep_spacing)
         n = min(self.shard_size, config.num_samples - k * self.shard_size)
         g = torch.Generator().manual_seed(1_000_003 * config.seed_set + k)
         size = model.config.sample_size
@@ -240,6 +271,10 @@ class Sweep:
             # the true labels where the classifier's classes are Fashion-MNIST's, else its predicted classes
             classes = labels[:self.num_real] if labels is not None and not self.inception else logits.argmax(1)
             self._ref = (net, feats, torch.bincount(classes, minlength=logits.shape[1]).double(), real.mean().item())
+            if self.measures_b:
+                from .metrics import load_classifier, second_classifier_dir
+                net_b = load_classifier(self.classifier_b or second_classifier_dir())
+                self._ref_b = (net_b, _features_and_logits(net_b, real)[0])
         return self._ref
 
     def metrics(self, images: torch.Tensor) -> dict:
@@ -255,13 +290,23 @@ class Sweep:
         precision, recall = precision_recall(real_feats, feats, k=3)
         hist = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double()
         p, q = hist / hist.sum(), real_hist / real_hist.sum()
-        return {
+        out = {
             "fd": frechet_distance(real_feats, feats, PassThrough(feats.shape[1])),
             "kid": kid_mean, "kid_std": kid_std, "is": is_mean, "is_std": is_std,
             "precision": precision, "recall": recall, "mean_pixel": images.mean().item(),
             "real_mean_pixel": real_mean, "class_histogram": [int(v) for v in hist.tolist()],
             "class_tv_distance": 0.5 * (p - q).abs().sum().item(), "n": len(images),
         }
+        if self.measures_b:  # the second network: FD and KID only, computed the same way
+            net_b, real_b = self._ref_b
+            feats_b, _ = _features_and_logits(net_b, images)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                kid_b, kid_std_b = kernel_distance(real_b, feats_b, PassThrough(feats_b.shape[1]),
+                                                   subset_size=min(1000, len(feats_b)))
+            out.update(fd_b=frechet_distance(real_b, feats_b, PassThrough(feats_b.shape[1])), kid_b=kid_b,
+                       kid_std_b=kid_std_b)
+        return out
 
     def collect(self) -> list[dict]:
         keys = [c.key for c in self.configs]
@@ -307,29 +352,44 @@ def _barrier(world: int) -> None:
 
 
 COLUMNS = ["model", "method", "cfg_scale", "scale", "layers", "perturbation", "sigma", "start", "stop", "scheduler",
-           "steps", "num_samples", "seed_set"]
-METRICS = ["fd", "kid", "is", "precision", "recall", "mean_pixel", "class_tv_distance", "seconds_per_image"]
+           "steps", "timestep_spacing", "num_samples", "seed_set"]
+METRICS = ["fd", "kid", "fd_b", "kid_b", "is", "precision", "recall", "mean_pixel", "class_tv_distance",
+           "seconds_per_image"]
+
+
+def flatten(rows: list[dict]) -> list[dict]:
+    """results.json rows -> one flat dict per row (COLUMNS + METRICS); a metric a row lacks (``fd_b`` of an
+    Inception sweep) is None, a config field older results lack (``timestep_spacing``) is None."""
+    flat = [{**{c: r["config"].get(c) for c in COLUMNS}, **{m: r["metrics"].get(m) for m in METRICS}} for r in rows]
+    for row in flat:
+        row["layers"] = "+".join(row["layers"])
+    return flat
+
+
+def _cell(value, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def write_tables(out: Path, rows: list[dict]) -> None:
     """results.csv / .json / .md and the plots, rebuilt from the finished configurations."""
     io.write_json(out / "results.json", rows)
-    flat = [{**{c: r["config"][c] for c in COLUMNS}, **{m: r["metrics"][m] for m in METRICS}} for r in rows]
-    for row in flat:
-        row["layers"] = "+".join(row["layers"])
+    flat = flatten(rows)
     with io.atomic_path(out / "results.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS + METRICS)
             writer.writeheader()
             writer.writerows(flat)
     header = ["method", "w", "scale", "layers", "perturbation", "σ", "interval", "sampler", "N", "seeds",
-              "FD ↓", "KID ↓", "IS ↑", "precision", "recall", "mean pixel", "class TV ↓", "s/image"]
+              "FD ↓", "KID ↓", "FD (b) ↓", "KID (b) ↓", "IS ↑", "precision", "recall", "mean pixel",
+              "class TV ↓", "s/image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in flat:
+        sampler = f"{r['scheduler']}-{r['steps']}" + (f" {r['timestep_spacing']}" if r["timestep_spacing"] else "")
         lines.append("| " + " | ".join(str(v) for v in [
             r["method"], f"{r['cfg_scale']:g}", f"{r['scale']:g}", r["layers"] or "—", r["perturbation"],
-            r["sigma"], f"{r['start']:g}–{r['stop']:g}", f"{r['scheduler']}-{r['steps']}", r["num_samples"],
-            r["seed_set"], f"{r['fd']:.3f}", f"{r['kid']:.4f}", f"{r['is']:.2f}", f"{r['precision']:.3f}",
+            r["sigma"], f"{r['start']:g}–{r['stop']:g}", sampler, r["num_samples"],
+            r["seed_set"], f"{r['fd']:.3f}", f"{r['kid']:.4f}", _cell(r["fd_b"], 3), _cell(r["kid_b"], 4),
+            f"{r['is']:.2f}", f"{r['precision']:.3f}",
             f"{r['recall']:.3f}", f"{r['mean_pixel']:.3f}", f"{r['class_tv_distance']:.3f}",
             f"{r['seconds_per_image']:.3f}"]) + " |")
     with io.atomic_path(out / "results.md") as tmp:
@@ -339,7 +399,7 @@ def write_tables(out: Path, rows: list[dict]) -> None:
 
 # Where a line's scale-0 point comes from: the unguided rows (for CFG+PAG: CFG alone) of the same sampling.
 # A line's label names these only when they differ between the sweep's guided rows.
-_BASE_KEYS = ("model", "scheduler", "steps", "num_samples")
+_BASE_KEYS = ("model", "scheduler", "steps", "timestep_spacing", "num_samples")
 
 
 def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
@@ -349,7 +409,7 @@ def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     unguided rows when the sweep has them. Sampler, N and model appear in a label only where they vary.
     """
     guided = [r for r in flat if r["method"] in ("pag", "seg", "sag", "cfg+pag")]
-    varies = {k for k in _BASE_KEYS if len({r[k] for r in guided}) > 1}
+    varies = {k for k in _BASE_KEYS if len({r.get(k) for r in guided}) > 1}
 
     def label(r: dict) -> str:
         parts = [r["method"], r["layers"]]
@@ -361,8 +421,9 @@ def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
             parts.append(f"t={r['start']:g}–{r['stop']:g}")
         if r["method"] == "cfg+pag":
             parts.append(f"w={r['cfg_scale']:g}")
-        if {"scheduler", "steps"} & varies:
-            parts.append(f"{r['scheduler']}-{r['steps']}")
+        if {"scheduler", "steps", "timestep_spacing"} & varies:
+            parts.append(f"{r['scheduler']}-{r['steps']}" + (f"-{r['timestep_spacing']}" if r.get("timestep_spacing")
+                                                              else ""))
         if "num_samples" in varies:
             parts.append(f"N={r['num_samples']}")
         if "model" in varies:
@@ -385,12 +446,91 @@ def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     for name, r in first.items():
         base_method, base_w = ("cfg", r["cfg_scale"]) if r["method"] == "cfg+pag" else ("none", 1.0)
         base = [b for b in flat if b["method"] == base_method and b["cfg_scale"] == base_w
-                and all(b[k] == r[k] for k in _BASE_KEYS)]
+                and all(b.get(k) == r.get(k) for k in _BASE_KEYS)]
         pts = lines[name]
         pts.sort()
         if base and pts[0][0] != 0:
             pts.insert(0, point(0.0, base))
     return lines
+
+
+HEATMAP_METHODS = ("pag", "seg")
+
+
+def fd_change_maps(flat: list[dict], metric: str = "fd") -> list[dict]:
+    """Site × scale maps of the relative change of ``metric`` (in %) against no guidance, for PAG and SEG.
+
+    One map per method and variant (PAG's perturbation, SEG's σ, the interval and the sampling: model,
+    sampler, steps, spacing, N), drawn only where the variant covers at least 2 sites and 2 scales. A cell
+    is the mean over seed sets of 100·(m − m₀)/m₀, with m₀ the unguided row of the same sampling and seed
+    set; a cell without its unguided row, or whose rows lack ``metric`` (``fd_b`` of old rows), is None.
+    Returns [{"method", "variant", "sites", "scales", "change": [[% or None per scale] per site]}], sites
+    (layer sets, '+'-joined) in the order the rows give them, scales ascending.
+    """
+    base: dict[tuple, float] = {}
+    for r in flat:
+        if r["method"] == "none" and r.get(metric) is not None:
+            base[tuple(r.get(k) for k in _BASE_KEYS) + (r["seed_set"],)] = r[metric]
+    groups: dict[tuple, dict[tuple, list[float]]] = {}
+    for r in flat:
+        if r["method"] not in HEATMAP_METHODS or r.get(metric) is None or not r["layers"]:
+            continue
+        b = base.get(tuple(r.get(k) for k in _BASE_KEYS) + (r["seed_set"],))
+        if not b:
+            continue
+        variant = (r["method"], r["perturbation"] if r["method"] == "pag" else None,
+                   r["sigma"] if r["method"] == "seg" else None, r["start"], r["stop"],
+                   *(r.get(k) for k in _BASE_KEYS))
+        groups.setdefault(variant, {}).setdefault((r["layers"], r["scale"]), []).append(100 * (r[metric] - b) / b)
+    maps = []
+    for variant, cells in groups.items():
+        sites = list(dict.fromkeys(site for site, _ in cells))
+        scales = sorted({scale for _, scale in cells})
+        if len(sites) < 2 or len(scales) < 2:
+            continue
+        method, perturbation, sigma, start, stop, model, scheduler, steps, spacing, n = variant
+        words = [f"perturbation={perturbation}" if perturbation not in (None, "identity") else "",
+                 f"σ={sigma}" if sigma is not None else "",
+                 f"t={start:g}–{stop:g}" if (start, stop) != (0, 1) else "",
+                 f"{Path(str(model)).name} {scheduler}-{steps}" + (f"-{spacing}" if spacing else "") + f" N={n}"]
+        maps.append({"method": method, "variant": " ".join(w for w in words if w), "sites": sites,
+                     "scales": scales,
+                     "change": [[(sum(v) / len(v)) if (v := cells.get((site, scale))) else None for scale in scales]
+                                for site in sites]})
+    return maps
+
+
+def draw_heatmaps(path: Path, panels: list[tuple[str, dict]], metric_name: str = "FD") -> Path:
+    """One PNG, one panel per (title, map of ``fd_change_maps``) side by side; blue = lower than unguided."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    widest = max(len(m["scales"]) for _, m in panels)
+    tallest = max(len(m["sites"]) for _, m in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 + 0.9 * widest * len(panels) + 1.6 * (len(panels) - 1),
+                                                      1.2 + 0.42 * tallest), squeeze=False)
+    for ax, (title, m) in zip(axes[0], panels):
+        values = np.array([[np.nan if v is None else v for v in row] for row in m["change"]], dtype=float)
+        limit = max(1.0, float(np.nanmax(np.abs(values)))) if np.isfinite(values).any() else 1.0
+        image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(len(m["scales"])), [f"{s:g}" for s in m["scales"]])
+        ax.set_yticks(range(len(m["sites"])), m["sites"], fontsize=7)
+        ax.set_xlabel("scale (PAG s / SEG γ)")
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, "—" if np.isnan(v) else f"{v:+.1f}", ha="center", va="center", fontsize=7)
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(image, ax=ax, label=f"{metric_name} change vs unguided (%)", shrink=0.9)
+    _save_fig(fig, path)
+    return path
+
+
+def heatmap_name(m: dict, maps: list[dict]) -> str:
+    """``heatmap_<method>.png``; with several variants of a method, the variant is added to the name."""
+    if sum(other["method"] == m["method"] for other in maps) == 1:
+        return f"heatmap_{m['method']}.png"
+    return f"heatmap_{m['method']}_" + re.sub(r"[^A-Za-z0-9.+_-]", "_", m["variant"]) + ".png"
 
 
 def _plots(out: Path, flat: list[dict]) -> None:
@@ -419,6 +559,10 @@ def _plots(out: Path, flat: list[dict]) -> None:
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     _save_fig(fig, out / "plots" / "precision_recall.png")
+    maps = fd_change_maps(flat, "fd")  # the primary network's FD (make_results also draws fd_b's)
+    for m in maps:
+        draw_heatmaps(out / "plots" / heatmap_name(m, maps),
+                      [(f"{m['method'].upper()} {m['variant']}: {'Inception' if inception else 'classifier'} FD", m)])
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -426,3 +570,55 @@ def _save_fig(fig, path: Path) -> None:
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
+
+
+def _relative_changes(flat: list[dict], metric: str) -> dict[int, float]:
+    """id(row) -> 100·(m − m₀)/m₀ against the unguided row of the same sampling and seed set."""
+    base = {tuple(r.get(k) for k in _BASE_KEYS) + (r["seed_set"],): r[metric] for r in flat
+            if r["method"] == "none" and r.get(metric) is not None}
+    out = {}
+    for r in flat:
+        b = base.get(tuple(r.get(k) for k in _BASE_KEYS) + (r["seed_set"],))
+        if r["method"] != "none" and r.get(metric) is not None and b:
+            out[id(r)] = 100 * (r[metric] - b) / b
+    return out
+
+
+def choose_settings(flat: list[dict], methods=("pag", "seg"), tie_pp: float = 1.0) -> dict[str, dict]:
+    """The selection rule of table 9 (docs/notes/table9.md), fixed before its rows existed, per method:
+
+    1. Δa, Δb: each setting's relative FD change (%) on the primary network (``fd``) and on the second
+       (``fd_b``), against the unguided row of the same sampling and seed set.
+    2. Eligible: settings that lower FD on both networks (Δa < 0 and Δb < 0).
+    3. Score: the mean (Δa + Δb)/2; the lowest score is the best.
+    4. Ties: every eligible setting within ``tie_pp`` percentage points of the best score ties; of these the
+       smallest scale wins, and among equal scales the lower score.
+    5. Each network's own winner: steps 2-4 with Δa alone (settings with Δa < 0), and with Δb alone. Where
+       they differ from each other or from the chosen setting, the networks disagree and all are named.
+    6. No eligible setting: no guidance stays (``chosen`` is None).
+
+    Rows are flat (``flatten``); returns method -> {"chosen", "best_a", "best_b" (rows or None), "score",
+    "delta" ({id(row): (Δa, Δb)}), "agree", "candidates", "eligible"}.
+    """
+    da, db = _relative_changes(flat, "fd"), _relative_changes(flat, "fd_b")
+
+    def winner(rows: list[dict], score) -> dict | None:
+        if not rows:
+            return None
+        best = min(score(r) for r in rows)
+        tied = [r for r in rows if score(r) <= best + tie_pp]
+        return min(tied, key=lambda r: (r["scale"], score(r)))
+
+    out = {}
+    for method in methods:
+        rows = [r for r in flat if r["method"] == method and id(r) in da and id(r) in db]
+        both = [r for r in rows if da[id(r)] < 0 and db[id(r)] < 0]
+        chosen = winner(both, lambda r: (da[id(r)] + db[id(r)]) / 2)
+        best_a = winner([r for r in rows if da[id(r)] < 0], lambda r: da[id(r)])
+        best_b = winner([r for r in rows if db[id(r)] < 0], lambda r: db[id(r)])
+        out[method] = {"chosen": chosen, "best_a": best_a, "best_b": best_b,
+                       "score": None if chosen is None else (da[id(chosen)] + db[id(chosen)]) / 2,
+                       "delta": {id(r): (da[id(r)], db[id(r)]) for r in rows},
+                       "agree": chosen is best_a and chosen is best_b, "candidates": len(rows),
+                       "eligible": len(both)}
+    return out

@@ -64,8 +64,15 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32):
     return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
 
 
-def load_scheduler(model: str | Path, name: str | None = None):
-    """The model's own scheduler config (if the folder has one), as scheduler ``name`` (see SCHEDULERS)."""
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' ``timestep_spacing`` values
+
+
+def load_scheduler(model: str | Path, name: str | None = None, timestep_spacing: str | None = None):
+    """The model's own scheduler config (if the folder has one), as scheduler ``name`` (see SCHEDULERS).
+
+    ``timestep_spacing`` (leading | trailing | linspace) overrides the config's; None keeps it (the shipped
+    models: ``leading``, so DDIM-20 starts at t = 950; ``trailing`` starts at t = 999).
+    """
     path = resolve_model_path(model)
     config = {}
     if (path / "scheduler" / "scheduler_config.json").is_file():
@@ -76,4 +83,14 @@ def load_scheduler(model: str | Path, name: str | None = None):
         class_name = SCHEDULERS[name]
     else:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if timestep_spacing is not None:
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of "
+                             f"{', '.join(TIMESTEP_SPACINGS)}")
+        config = {**config, "timestep_spacing": timestep_spacing}
     return getattr(diffusers, class_name).from_config(config)
+
+
+def default_timestep_spacing(model: str | Path, name: str | None = None) -> str:
+    """The spacing ``load_scheduler(model, name)`` uses when none is given."""
+    return load_scheduler(model, name).config.timestep_spacing
