@@ -3,6 +3,12 @@
     python docs/make_results.py --run            # run every table's commands (resumable), then rebuild
     python docs/make_results.py --run --tables 2,3   # only these tables (e.g. one process per core)
     python docs/make_results.py                  # rebuild the documents from whatever has finished
+    python docs/make_results.py --score          # score configurations whose shards are all made (no sampling)
+
+Results survive sessions in ``docs/evidence/<sweep folder name>/<config key>.json`` (with the folder's
+``feature_space.json``): every build copies each finished ``results/*.json`` of the tables' sweep folders
+(runs/eval/map, runs/eval/report) there, rows are read from the sweep folder if there, else from the evidence,
+and ``--run`` first seeds each sweep folder's results/ from the evidence, so ``pagkit eval`` skips them.
 
 Each table is a list of ``pagkit eval`` command lines. The document shows them
 verbatim and reads each table's rows back through the same argument parser and
@@ -18,12 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+EVIDENCE = ROOT / "docs" / "evidence"
 MAP = "runs/eval/map"  # seed set 0: selection
 REPORT = "runs/eval/report"  # seed sets 1, 2: reporting
 
@@ -134,7 +142,98 @@ def _configs(command: str):
     return Path(args.out), configs
 
 
+def _sweep_folders() -> list[Path]:
+    """Every sweep folder the tables' commands write to (relative to the checkout), in order."""
+    folders = list(dict.fromkeys(_configs(c)[0] for t in TABLES for c in t["commands"]))
+    names = [f.name for f in folders]
+    assert len(set(names)) == len(names), f"two sweep folders share a name in docs/evidence: {names}"
+    return folders
+
+
+def _evidence(out: Path) -> Path:
+    return EVIDENCE / Path(out).name
+
+
+def _same_space(a: Path, b: Path) -> bool:
+    return not (a.is_file() and b.is_file()) or json.loads(a.read_text()) == json.loads(b.read_text())
+
+
+def archive() -> int:
+    """Copy every finished result of the sweep folders into docs/evidence (and its feature_space.json).
+
+    Only rows with the second network's FD (``fd_b``) are kept; a folder measured on another feature space
+    than its evidence is left out, with a warning. Returns the number of files copied."""
+    copied = 0
+    for out in _sweep_folders():
+        folder, evidence = ROOT / out, _evidence(out)
+        space = folder / "feature_space.json"
+        if not (folder / "results").is_dir() or not space.is_file():
+            continue
+        if not _same_space(space, evidence / "feature_space.json"):
+            print(f"warning: {out} is measured on another feature space than {evidence}: not archived")
+            continue
+        for path in sorted((folder / "results").glob("*.json")):
+            row = json.loads(path.read_text())
+            target = evidence / path.name
+            if "fd_b" not in row["metrics"] or (target.is_file() and target.read_bytes() == path.read_bytes()):
+                continue
+            evidence.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            copied += 1
+        if evidence.is_dir() and not (evidence / "feature_space.json").is_file():
+            shutil.copyfile(space, evidence / "feature_space.json")
+    return copied
+
+
+def seed_from_evidence() -> int:
+    """Before running: give each sweep folder the archived results it lacks (and their feature space), so
+    `pagkit eval` skips finished configurations. Returns the number of files copied."""
+    copied = 0
+    for out in _sweep_folders():
+        folder, evidence = ROOT / out, _evidence(out)
+        if not (evidence / "feature_space.json").is_file():
+            continue
+        if not _same_space(folder / "feature_space.json", evidence / "feature_space.json"):
+            print(f"warning: {out} is measured on another feature space than {evidence}: not seeded")
+            continue
+        (folder / "results").mkdir(parents=True, exist_ok=True)
+        if not (folder / "feature_space.json").is_file():
+            shutil.copyfile(evidence / "feature_space.json", folder / "feature_space.json")
+        for path in sorted(evidence.glob("*.json")):
+            if path.name != "feature_space.json" and not (folder / "results" / path.name).is_file():
+                shutil.copyfile(path, folder / "results" / path.name)
+                copied += 1
+    return copied
+
+
+def score_finished(tables: set[int] | None = None, threads: int = 1) -> int:
+    """Score every configuration of the tables whose sample shards are all made and whose result is
+    missing; never samples (shards still missing are left to `pagkit eval` or docs/map_shards.py)."""
+    import torch
+
+    from pagkit.evaluate import Sweep, _claim_feature_space
+    torch.set_num_threads(threads)
+    scored = 0
+    for table in TABLES:
+        if tables is not None and int(table["title"].split(".")[0]) not in tables:
+            continue
+        for command in table["commands"]:
+            out, configs = _configs(command)
+            sweep = Sweep(ROOT / out, configs, progress=False)
+            ready = [c for c in configs if not sweep.result_path(c).is_file()
+                     and all(sweep.shard_path(c, k).is_file() for k in range(sweep.num_shards(c)))]
+            if not ready:
+                continue
+            _claim_feature_space(sweep.out / "feature_space.json", sweep.feature_space())
+            for config in ready:
+                sweep.write_result(config)
+                scored += 1
+                print(f"scored {config.key}", flush=True)
+    return scored
+
+
 def _rows(table: dict) -> tuple[list[dict], list[str]]:
+    """The table's finished rows (from the sweep folder, else docs/evidence) and the keys still missing."""
     rows, missing, seen = [], [], set()
     for command in table["commands"]:
         out, configs = _configs(command)
@@ -143,8 +242,12 @@ def _rows(table: dict) -> tuple[list[dict], list[str]]:
                 continue
             seen.add((out, config.key))
             path = ROOT / out / "results" / f"{config.key}.json"
-            if path.is_file():
-                rows.append(json.loads(path.read_text()))
+            archived = _evidence(out) / f"{config.key}.json"
+            older = _evidence(out) / "pre-b" / f"{config.key}.json"  # docs/evidence_migrate.py: no fd_b
+            for source in (path, archived, older):
+                if source.is_file():
+                    rows.append(json.loads(source.read_text()))
+                    break
             else:
                 missing.append(config.key)
     return rows, missing
@@ -159,7 +262,9 @@ def _describe(c: dict) -> list[str]:
 
 
 HEADER = ["model", "method", "w", "s", "layers", "perturbation", "σ", "interval", "sampler", "N"]
-METRICS = [("fd", "FD ↓", 3), ("kid", "KID ↓", 4), ("is", "IS ↑", 2), ("precision", "precision", 3),
+# fd/kid: the primary network (fmnist-classifier); fd_b/kid_b: the second (fmnist-classifier-b)
+METRICS = [("fd", "FD ↓", 3), ("kid", "KID ↓", 4), ("fd_b", "FD (b) ↓", 3), ("kid_b", "KID (b) ↓", 4),
+           ("is", "IS ↑", 2), ("precision", "precision", 3),
            ("recall", "recall", 3), ("mean_pixel", "mean pixel", 3), ("class_tv_distance", "class TV ↓", 3),
            ("seconds_per_image", "s/image", 3)]
 
@@ -174,7 +279,10 @@ def _table_lines(rows: list[dict], aggregate: bool) -> list[str]:
     for group in groups.values():
         cells = _describe(group[0]["config"]) + [",".join(str(r["config"]["seed_set"]) for r in group)]
         for name, _, digits in METRICS:
-            values = [r["metrics"][name] for r in group]
+            values = [r["metrics"].get(name) for r in group]
+            if None in values:  # made before the second network existed
+                cells.append("—")
+                continue
             mean = statistics.fmean(values)
             spread = (max(values) - min(values)) / 2
             cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}")
@@ -182,41 +290,72 @@ def _table_lines(rows: list[dict], aggregate: bool) -> list[str]:
     return lines
 
 
-def build(prologue: str = "") -> None:
-    from pagkit import io
-    md = ["# pagkit results on the shipped Fashion-MNIST models", "",
-          "Generated by `python docs/make_results.py` from the sweep folders; every row is also in "
-          "`docs/results.json` with its full configuration and metrics. FD/KID/IS/precision/recall use the "
-          "features of the shipped Fashion-MNIST classifier (`src/pagkit/models/fmnist-classifier`) against the "
-          "10,000 test images. Scales: PAG s and SEG γ in the papers' convention (0 = off), CFG w in "
-          "diffusers' (1 = off). s/image is wall time on a shared 2-core machine with other jobs running: "
-          "compare it within a table only.", ""]
-    summary = ROOT / "docs" / "notes" / "summary.md"
-    for text in (prologue, summary.read_text().strip() if summary.is_file() else ""):
-        if text:
-            md += [text, ""]
-    machine = []
-    for table in TABLES:
-        rows, missing = _rows(table)
-        md += [f"## {table['title']}", "", table["note"], "", "```sh"] + table["commands"] + ["```", ""]
-        md += _table_lines(rows, table.get("aggregate", False)) if rows else ["(no rows finished yet)"]
-        if missing:
-            md += ["", f"Not computed in this session ({len(missing)} configurations): "
-                   + ", ".join(f"`{k}`" for k in missing)]
-        notes = ROOT / "docs" / "notes" / f"table{table['title'].split('.')[0]}.md"
-        if notes.is_file():
-            md += ["", notes.read_text().strip()]
-        md.append("")
-        machine += [{"table": table["title"], "commands": table["commands"], **r} for r in rows]
-    md += ["## 8. Restoration: DPS and DPS+PAG on `fmnist`", "",
-           "Fashion-MNIST test images 0–999, σ_y = 0.05, 50 DDIM steps with η = 1, ζ = 2; both methods "
-           "restore the same measurements from the same noise. PSNR/SSIM against the originals (mean ± std over "
-           "images), FD of the restorations against the 10k test set. PAG's setting was chosen first, on test "
-           "images 9000–9099 (table 8a), by the rule in `docs/tune_restore.py`.", "", "```sh"]
+def _label(r: dict) -> str:
+    c = r["config"] if "config" in r else r
+    layers = c["layers"] if isinstance(c["layers"], str) else "+".join(c["layers"])
+    return f"{c['method'].upper()} {'γ' if c['method'] == 'seg' else 's'}={c['scale']:g} on `{layers}`"
+
+
+def _selection_lines(rows: list[dict]) -> list[str]:
+    """Table 9's choice by the rule of docs/notes/table9.md (pagkit.evaluate.choose_settings)."""
+    from pagkit.evaluate import choose_settings, flatten
+    flat = flatten(rows)
+    lines = ["### 9a. Selection by the rule fixed before the rows (docs/notes/table9.md)", ""]
+    for method, pick in choose_settings(flat).items():
+        name = method.upper()
+        if not pick["candidates"]:
+            lines.append(f"- {name}: no row with both networks' FD yet.")
+            continue
+        d = pick["delta"]
+        if pick["chosen"] is None:
+            text = (f"- {name}: none of {pick['candidates']} settings lowers FD on both networks; "
+                    "no guidance stays.")
+        else:
+            a, b = d[id(pick["chosen"])]
+            text = (f"- {name}: **{_label(pick['chosen'])}** (FD {a:+.1f}% on the primary network, {b:+.1f}% on "
+                    f"the second; mean {pick['score']:+.1f}%), of {pick['eligible']} settings that lower FD on "
+                    f"both ({pick['candidates']} scored).")
+        if not pick["agree"]:
+            named = [f"the primary network's alone: {_label(pick['best_a'])} ({d[id(pick['best_a'])][0]:+.1f}%)"
+                     if pick["best_a"] else "the primary network's alone: none lowers its FD",
+                     f"the second's alone: {_label(pick['best_b'])} ({d[id(pick['best_b'])][1]:+.1f}%)"
+                     if pick["best_b"] else "the second's alone: none lowers its FD"]
+            text += " The networks disagree: " + "; ".join(named) + "."
+        lines.append(text)
+    return lines + [""]
+
+
+def _heatmaps(rows: list[dict], number: str) -> list[str]:
+    """docs/heatmap_<method>.png from a table's rows: one panel per network."""
+    from pagkit.evaluate import draw_heatmaps, fd_change_maps, flatten
+    flat = flatten(rows)
+    maps_a, maps_b = fd_change_maps(flat, "fd"), fd_change_maps(flat, "fd_b")
+    lines = []
+    for m in maps_a:
+        if sum(o["method"] == m["method"] for o in maps_a) > 1:
+            continue  # one variant per method in the document's maps
+        panels = [(f"{m['method'].upper()}: primary network (fmnist-classifier)", m)]
+        panels += [(f"{m['method'].upper()}: second network (fmnist-classifier-b)", b) for b in maps_b
+                   if b["method"] == m["method"] and b["variant"] == m["variant"]]
+        name = f"heatmap_{m['method']}.png"
+        draw_heatmaps(ROOT / "docs" / name, panels)
+        lines += [f"![{m['method'].upper()}: FD change against no guidance, site × scale]({name})", ""]
+    if lines:
+        lines = [f"Heat maps of table {number}: FD change (%) against the unguided row, site × scale, on each "
+                 "network (blue: lower FD; — : not computed).", ""] + lines
+    return lines
+
+
+def _restoration_section() -> tuple[list[str], list[dict]]:
+    md = ["## 8. Restoration: DPS and DPS+PAG on `fmnist`", "",
+          "Fashion-MNIST test images 0–999, σ_y = 0.05, 50 DDIM steps with η = 1, ζ = 2; both methods "
+          "restore the same measurements from the same noise. PSNR/SSIM against the originals (mean ± std over "
+          "images), FD of the restorations against the 10k test set. PAG's setting was chosen first, on test "
+          "images 9000–9099 (table 8a), by the rule in `docs/tune_restore.py`.", "", "```sh"]
     md += RESTORE_COMMANDS + ["```", ""]
-    restored = ROOT / RESTORE / "metrics.md"
+    restored = _restoration_file(ROOT / RESTORE / "metrics.md")
     md += [restored.read_text().strip() if restored.is_file() else "(no rows finished yet)", ""]
-    selection = ROOT / "runs" / "restore_tune" / "selection.md"
+    selection = _restoration_file(ROOT / "runs" / "restore_tune" / "selection.md")
     md += ["### 8a. Choosing PAG's restoration setting (test images 9000–9099, 100 per task)", "",
            "FD change and PSNR drop of DPS+PAG against DPS on the same 100 images; FD on 100 images is biased "
            "upwards, so only its changes within a task are read.", "",
@@ -225,24 +364,90 @@ def build(prologue: str = "") -> None:
     if notes.is_file():
         md += ["", notes.read_text().strip()]
     md.append("")
-    if (ROOT / RESTORE / "metrics.json").is_file():
-        machine += [{"table": "8. Restoration", "commands": RESTORE_COMMANDS, **r}
-                    for r in json.loads((ROOT / RESTORE / "metrics.json").read_text())]
+    machine = []
+    restored = _restoration_file(ROOT / RESTORE / "metrics.json")
+    if restored.is_file():
+        machine = [{"table": "8. Restoration", "commands": RESTORE_COMMANDS, **r}
+                   for r in json.loads(restored.read_text())]
+    return md, machine
+
+
+def _restoration_file(path: Path) -> Path:
+    """A restoration output: archived into docs/evidence/<folder>/ when present, read back from there when
+    runs/ lacks it."""
+    archived = EVIDENCE / path.parent.name / path.name
+    if path.is_file():
+        if not archived.is_file() or archived.read_bytes() != path.read_bytes():
+            archived.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, archived)
+        return path
+    return archived
+
+
+def build(prologue: str = "") -> None:
+    from pagkit import io
+    copied = archive()
+    md = ["# pagkit results on the shipped Fashion-MNIST models", "",
+          "Generated by `python docs/make_results.py` from the sweep folders (and, for rows made in earlier "
+          "sessions, from their archived copies in `docs/evidence/`); every row is also in "
+          "`docs/results.json` with its full configuration and metrics. FD/KID/IS/precision/recall use the "
+          "features of the shipped Fashion-MNIST classifier (`src/pagkit/models/fmnist-classifier`) against the "
+          "10,000 test images; FD (b) and KID (b) the features of a second, independently trained classifier "
+          "of another architecture and seed (`src/pagkit/models/fmnist-classifier-b`; — : a row made before "
+          "it existed). Scales: PAG s and SEG γ in the papers' convention (0 = off), CFG w in "
+          "diffusers' (1 = off). s/image is wall time on a shared 2-core machine with other jobs running: "
+          "compare it within a table only.", ""]
+    summary = ROOT / "docs" / "notes" / "summary.md"
+    for text in (prologue, summary.read_text().strip() if summary.is_file() else ""):
+        if text:
+            md += [text, ""]
+    machine = []
+    restoration_done = False
+    for table in sorted(TABLES, key=lambda t: int(t["title"].split(".")[0])):
+        number = table["title"].split(".")[0]
+        if int(number) > 8 and not restoration_done:  # table 8 (restoration) is not one of TABLES
+            section, rows8 = _restoration_section()
+            md += section
+            machine += rows8
+            restoration_done = True
+        rows, missing = _rows(table)
+        md += [f"## {table['title']}", "", table["note"], "", "```sh"] + table["commands"] + ["```", ""]
+        md += _table_lines(rows, table.get("aggregate", False)) if rows else ["(no rows finished yet)"]
+        if missing:
+            md += ["", f"Not computed in this session ({len(missing)} configurations): "
+                   + ", ".join(f"`{k}`" for k in missing)]
+        if number == "9":
+            md += [""] + _heatmaps(rows, number) + _selection_lines(rows)
+        notes = ROOT / "docs" / "notes" / f"table{number}.md"
+        if notes.is_file():
+            md += ["", notes.read_text().strip()]
+        md.append("")
+        machine += [{"table": table["title"], "commands": table["commands"], **r} for r in rows]
+    if not restoration_done:
+        section, rows8 = _restoration_section()
+        md += section
+        machine += rows8
     with io.atomic_path(ROOT / "docs" / "results.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
     io.write_json(ROOT / "docs" / "results.json", machine)
-    print(f"wrote docs/results.md and docs/results.json ({len(machine)} rows)")
+    print(f"wrote docs/results.md and docs/results.json ({len(machine)} rows; {copied} new files in docs/evidence)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", action="store_true", help="run the tables' commands first (resumable)")
+    parser.add_argument("--score", action="store_true",
+                        help="first score every configuration whose shards are all made (no sampling)")
     parser.add_argument("--tables", default=None, help="comma-separated table numbers (default: all)")
     parser.add_argument("--threads", default="1", help="torch threads per command")
     args = parser.parse_args()
     import os
     os.chdir(ROOT)  # the commands' --out folders are relative to the checkout
     chosen = None if args.tables is None else {int(v) for v in args.tables.split(",")}
+    if args.run or args.score:
+        print(f"seeded {seed_from_evidence()} results from docs/evidence")
+    if args.score:
+        print(f"scored {score_finished(chosen, int(args.threads))} configurations")
     if args.run:
         from pagkit.cli import main as pagkit_main
         # numbered as in the document: table 8 (restoration) is not one of TABLES
