@@ -216,3 +216,25 @@ def lumina2_inputs(batch=2, seed=1, h=8, w=12, text=5, valid=3):
     mask[:, :valid] = True
     return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([0.5] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 8, generator=g), encoder_attention_mask=mask))
+
+
+def flux2(seed=0):
+    from diffusers import Flux2Transformer2DModel
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                   timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+                                   guidance_embeds=False).eval()
+
+
+def flux2_inputs(batch=2, seed=1, h=4, w=6, text=5):
+    """Flux.2's (t, h, w, l) position ids."""
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(h, w, 4)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    txt_ids = torch.zeros(text, 4)
+    txt_ids[:, 3] = torch.arange(text)
+    return (torch.randn(batch, h * w, 8, generator=g), torch.tensor([0.5] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g), img_ids=img_ids.reshape(-1, 4),
+                 txt_ids=txt_ids))

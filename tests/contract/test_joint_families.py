@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models import attention_processor
-from diffusers.models.transformers import (transformer_cogview4, transformer_flux, transformer_lumina2,
-                                           transformer_qwenimage)
+from diffusers.models.transformers import (transformer_cogview4, transformer_flux, transformer_flux2,
+                                           transformer_lumina2, transformer_qwenimage)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
@@ -30,23 +30,25 @@ FAMILIES = {
     "auraflow": (models.auraflow, models.auraflow_inputs),
     "cogview4": (models.cogview4, models.cogview4_inputs),
     "lumina2": (models.lumina2, models.lumina2_inputs),
+    "flux2": (models.flux2, models.flux2_inputs),
 }
 
 # modules whose processors call diffusers' dispatch_attention_fn by the name they imported
-DISPATCH_MODULES = (transformer_flux, transformer_qwenimage)
+DISPATCH_MODULES = (transformer_flux, transformer_flux2, transformer_qwenimage)
 # modules whose processors call torch.nn.functional's SDPA through their own name F
 F_MODULES = (attention_processor, transformer_cogview4, transformer_lumina2)
 
 # per family: the kinds of its sites, and modules that hold attention but must not be sites
 KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"},
          "auraflow": {"joint", "single"}, "cogview4": {"joint"},
-         "lumina2": {"self", "single"}}
+         "lumina2": {"self", "single"}, "flux2": {"joint", "single"}}
 NOT_SITES = {"lumina2": ["context_refiner.0.attn"]}
 # per family: whether the image tokens come first in its joint/single-stream sequences (read off the processors)
 IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "chroma": False, "auraflow": False,
-               "cogview4": False, "lumina2": False}
+               "cogview4": False, "lumina2": False, "flux2": False}
 # per family: the image grid its backend reads off the inputs of tests/models.py (in the units sites divide by)
-GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12), "lumina2": (8, 12)}
+GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12), "lumina2": (8, 12),
+         "flux2": (4, 6)}
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
