@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory):
 def test_layers_command_prints_names_grids_and_aliases(model_dir, capsys):
     assert main(["layers", str(model_dir)]) == 0
     out = capsys.readouterr().out
-    assert "UNet2DModel: 7 self-attention layers" in out
+    assert "UNet2DModel (unet backend): 7 attention sites (7 self)" in out
     assert "down_blocks.1.attentions.0" in out and "8x8" in out
     assert "up.0         2 layers" in out
 
