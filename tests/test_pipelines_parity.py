@@ -8,6 +8,7 @@ reference is wrong (SD3.5's QK-norm, HunyuanDiT without CFG) the test says what 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -273,3 +274,61 @@ def test_hunyuandit_routed_attention_receives_the_arguments_it_receives_without_
             if theirs is not None:
                 assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), name
     assert any(c[2] is not None for c in without["blocks.1.attn1"])  # the rotary table is among the arguments
+
+
+def _recording_forward(model):
+    """Install on ``model`` a forward that records (arguments, output) of every call; attach wraps it in turn."""
+    forward = type(model).forward.__get__(model)
+    calls = []
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append((dict(inspect.signature(forward).bind(*args, **kwargs).arguments), out[0]))
+        return out
+    recording.__wrapped__ = forward  # the model's own signature, which attach binds
+    model.forward = recording
+    return calls
+
+
+def test_sd35_qk_norm_diffusers_pag_pipeline_skips_it_and_pagkit_does_not():
+    """No parity on SD3.5: diffusers' PAGCFGJointAttnProcessor2_0 never applies norm_q/norm_k/norm_added_q/
+    norm_added_k, so even the unperturbed rows [∅; c] of StableDiffusion3PAGPipeline's batch are not the model's
+    prediction: max |diff| 0.030 against the plain transformer over 3 steps of this tiny RMS-QK-norm model, and its
+    latents end 0.15 away from pagkit's. pagkit's unperturbed rows are the plain transformer's exactly, and its
+    neutral scale is the plain pipeline bit for bit. With dual attention (attn2 in blocks.1) diffusers' pipeline
+    crashes."""
+    case = CASES["sd3"]
+    components = _sd3(qk_norm="rms_norm")
+    model = components["transformer"]
+    plain_model = models.sd3(qk_norm="rms_norm")  # the same weights, never touched by diffusers' PAG processors
+    reference = diffusers.StableDiffusion3PAGPipeline(**components,
+                                                      pag_applied_layers=diffusers_layers(model, "blocks.1"))
+    pipe = diffusers.StableDiffusion3Pipeline(**components)
+    for p in (reference, pipe):
+        p.set_progress_bar_config(disable=True)
+    kwargs = _kwargs(case, 5.0)
+
+    def unperturbed_rows_difference(calls):
+        worst = 0.0
+        for arguments, out in calls:
+            assert out.shape[0] == 3  # [∅; c; perturbed c]
+            rows = {k: v[:2] if torch.is_tensor(v) and v.ndim and v.shape[0] == 3 else v for k, v in arguments.items()}
+            plain = type(plain_model).forward(plain_model, **{**rows, "return_dict": False})[0]
+            worst = max(worst, float((out[:2] - plain).abs().max()))
+        return worst
+
+    calls = _recording_forward(model)
+    theirs = reference(**kwargs, pag_scale=2.0, generator=torch.Generator().manual_seed(1)).images
+    assert len(calls) == STEPS and unperturbed_rows_difference(calls) > 1e-2
+    calls.clear()
+    ours = _run(pipe, kwargs, pagkit.PAG(2.0, layers="blocks.1"))
+    assert len(calls) == STEPS and unperturbed_rows_difference(calls) < 1e-6
+    del model.forward
+    assert torch.equal(_run(pipe, kwargs, pagkit.PAG(0.0, layers="blocks.1")), _run(pipe, kwargs))
+    assert (theirs - ours).abs().max() > 1e-2
+
+    dual = _sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    layers = diffusers_layers(dual["transformer"], "blocks.1")  # transformer_blocks.1.attn and .attn2
+    with pytest.raises(AttributeError, match="ndim"):  # its joint processor on attn2, which has no text input
+        diffusers.StableDiffusion3PAGPipeline(**dual, pag_applied_layers=layers)(
+            **kwargs, pag_scale=2.0, generator=torch.Generator().manual_seed(1))
