@@ -61,7 +61,7 @@ def cmd_layers(args) -> None:
     kinds = ", ".join(f"{sum(i.kind == k for i in infos)} {k}" for k in dict.fromkeys(i.kind for i in infos))
     print(f"{type(model).__name__} ({detect(model).name} backend): {len(infos)} attention sites ({kinds})")
     for info in infos:
-        grid = f"{info.grid[0]}x{info.grid[1]}" if info.grid else "?"
+        grid = "x".join(map(str, info.grid)) if info.grid else "?"  # H×W, or F×H×W for video
         print(f"  {info.name:<60} {info.kind:<6}  image tokens {grid:>7}  heads {info.heads}")
     print("aliases:")
     for alias, names in aliases(model).items():

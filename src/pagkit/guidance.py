@@ -108,19 +108,21 @@ class PAG(GuidanceTerm):
 class SEG(GuidanceTerm):
     """Smoothed Energy Guidance (Hong 2024): blur the queries of ``layers`` with a Gaussian of width ``sigma``.
 
-    ``sigma=float("inf")`` (or anything above 9999) replaces every query by the mean query.
+    ``sigma=float("inf")`` (or anything above 9999) replaces every query by the mean query. On video sites the
+    blur is 3-D over F×H×W; ``per_frame=True`` blurs within each frame only.
     """
 
     scale: float = 3.0
     sigma: float = float("inf")
     layers: str | list[str] = "mid"
+    per_frame: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         self.make_perturbation()
 
     def make_perturbation(self) -> Perturbation:
-        return QueryBlur(sigma=self.sigma)
+        return QueryBlur(sigma=self.sigma, per_frame=self.per_frame)
 
 
 @dataclass

@@ -40,25 +40,17 @@ ALIAS_SEGMENTS = {
 @dataclass(frozen=True)
 class LayerInfo:
     name: str
-    grid: tuple[int, int] | None  # image token grid (H, W) at the model's configured sample size
+    grid: tuple[int, ...] | None  # token grid (H, W), or (F, H, W) for video, at the model's configured sample size
     downsampling: int | None  # input pixels (or latents) per token along each axis
     heads: int
     channels: int
     kind: str = "self"  # self | joint (text + image, one softmax) | single (one [text; image] stream)
+    #                     | spatial | temporal | spatiotemporal (video: within a frame, across frames, both)
 
 
 def sites(model: nn.Module) -> dict[str, Site]:
     """The perturbable attention sites of ``model``, in forward order, by name."""
     return {site.name: site for site in detect(model).sites(model)}
-
-
-def _sample_size(model: nn.Module) -> tuple[int, int] | None:
-    size = getattr(model, "config", {}).get("sample_size")
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return size, size
-    return tuple(size)
 
 
 def grid_for(factor: int | None, height: int, width: int) -> tuple[int, int] | None:
@@ -70,9 +62,10 @@ def grid_for(factor: int | None, height: int, width: int) -> tuple[int, int] | N
 
 def layers(model: nn.Module) -> list[LayerInfo]:
     """Every perturbable attention site of ``model``, in forward order, with its token grid at the configured size."""
-    size = _sample_size(model)
-    return [LayerInfo(s.name, grid_for(s.downsampling, *size) if (s.downsampling and size) else None,
-                      s.downsampling, s.heads, s.channels, s.kind) for s in sites(model).values()]
+    backend = detect(model)
+    info = backend.sample_info(model)
+    return [LayerInfo(s.name, backend.grid(s, info), s.downsampling, s.heads, s.channels, s.kind)
+            for s in backend.sites(model)]
 
 
 def _segment_match(pattern: list[str], path: list[str]) -> bool:

@@ -8,7 +8,9 @@ q, k, v that the model's own processor built (after its QK-norm and RoPE) to a
 ==============  =====================================================================
 ``identity``    PAG: the attention map is the identity, so the output is V.
 ``blur``        SEG: the queries are blurred by a 2-D Gaussian of width σ over the real
-                H×W token grid (equivalent to blurring QKᵀ along the query axes).
+                H×W token grid (equivalent to blurring QKᵀ along the query axes); on a
+                video grid F×H×W a separable 3-D Gaussian (``per_frame=True``: within
+                each frame only).
 ``uniform``     SEG's σ = ∞ limit: every query is the mean query, so every token
                 attends with the same weights.
 ``mask``        PAG ablation: each entry of the attention map is dropped with
@@ -70,20 +72,35 @@ def gaussian_blur(img: torch.Tensor, sigma: float, kernel_size: int | None = Non
     return out
 
 
+def gaussian_blur_video(img: torch.Tensor, sigma: float, per_frame: bool = False) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, F, H, W): each frame as ``gaussian_blur``, then along F (unless
+    ``per_frame``) with the same reflect padding and kernel clamping."""
+    b, c, f, h, w = img.shape
+    out = gaussian_blur(img.transpose(1, 2).reshape(b * f, c, h, w), sigma).reshape(b, f, c, h, w).transpose(1, 2)
+    k = min(seg_kernel_size(sigma), f if f % 2 == 1 else f - 1)
+    if per_frame or k <= 1:
+        return out
+    kernel = gaussian_kernel_1d(sigma, k, dtype=img.dtype, device=img.device)
+    line = out.permute(0, 1, 3, 4, 2).reshape(-1, 1, f)  # every (channel, position) as one line over frames
+    line = F.conv1d(F.pad(line, (k // 2, k // 2), mode="reflect"), kernel.view(1, 1, k))
+    return line.reshape(b, c, h, w, f).permute(0, 1, 4, 2, 3)
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Where the image tokens of one attention call sit in its sequence, and their grid.
 
     ``image``: the positions [start, stop) of the image tokens; every other position is text (or
-    another non-image stream). ``grid``: (H, W) of the image tokens, row-major, where known.
+    another non-image stream). ``grid``: (H, W) of the image tokens, row-major, where known; for video
+    (F, H, W), frame-major (a spatial site's sequence is one frame, 1×H×W; a temporal site's one position, F×1×1).
     """
 
     length: int
     image: tuple[int, int]
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
 
     @classmethod
-    def self_attention(cls, length: int, grid: tuple[int, int] | None = None) -> "TokenLayout":
+    def self_attention(cls, length: int, grid: tuple[int, ...] | None = None) -> "TokenLayout":
         return cls(length, (0, length), grid)
 
     @property
@@ -201,19 +218,32 @@ class Identity(Perturbation):
 class QueryBlur(Perturbation):
     """SEG: blur Q with a Gaussian of width ``sigma`` over the H×W token grid; σ = ∞ (or > 9999) → mean query.
 
-    On a joint sequence only the image queries are blurred (over the image grid); they still attend to every key.
+    On a video grid F×H×W the Gaussian is 3-D (separable); ``per_frame=True`` blurs within each frame only
+    (σ = ∞: the mean query of each frame). On a joint sequence only the image queries are blurred (over the image
+    grid); they still attend to every key.
     """
 
     sigma: float = float("inf")
+    per_frame: bool = False
 
     def __post_init__(self):
         if not (self.sigma > 0):  # also rejects NaN
             raise ValueError(f"SEG sigma must be a positive number or inf, got {self.sigma!r}")
 
-    def blur_queries(self, q: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    def blur_queries(self, q: torch.Tensor, grid: tuple[int, ...] | None) -> torch.Tensor:
+        b, heads, n, d = q.shape
+        if grid is not None and len(grid) == 3:
+            f, h, w = _video_grid(grid, n)
+            if self.sigma > INFINITE_SIGMA:
+                if not self.per_frame:
+                    return q.mean(dim=-2, keepdim=True).expand_as(q)
+                return q.unflatten(2, (f, h * w)).mean(dim=3, keepdim=True).expand(b, heads, f, h * w, d) \
+                    .reshape(q.shape)
+            img = q.permute(0, 1, 3, 2).reshape(b, heads * d, f, h, w)
+            img = gaussian_blur_video(img, self.sigma, self.per_frame)
+            return img.reshape(b, heads, d, n).permute(0, 1, 3, 2)
         if self.sigma > INFINITE_SIGMA:
             return q.mean(dim=-2, keepdim=True).expand_as(q)
-        b, heads, n, d = q.shape
         h, w = _grid_or_square(grid, n)
         img = q.permute(0, 1, 3, 2).reshape(b, heads * d, h, w)
         img = gaussian_blur(img, self.sigma)
@@ -294,6 +324,13 @@ def make_perturbation(name: str, **options) -> Perturbation:
     if name not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {name!r}; choose one of {sorted(PERTURBATIONS)}")
     return PERTURBATIONS[name](**options)
+
+
+def _video_grid(grid: tuple[int, int, int], n: int) -> tuple[int, int, int]:
+    if grid[0] * grid[1] * grid[2] != n:
+        raise ValueError(f"the video token grid {'x'.join(map(str, grid))} does not hold the {n} tokens of this "
+                         "attention; SEG's blur needs the real F×H×W")
+    return grid
 
 
 def _grid_or_square(grid: tuple[int, int] | None, n: int) -> tuple[int, int]:

@@ -4,7 +4,10 @@ A backend says, for its family:
 
 * which attention computations are **sites** that can be perturbed, with their kind
   (``self``: image tokens only; ``joint``: text and image tokens in one softmax, separate
-  projections; ``single``: one [text; image] sequence through one block);
+  projections; ``single``: one [text; image] sequence through one block; for video,
+  ``spatial``: the tokens of one frame, ``temporal``: one position across the frames,
+  ``spatiotemporal``: every token of the F×H×W grid; a joint or single-stream site of a
+  video family has the F×H×W grid as its image tokens);
 * where the image tokens sit in each site's sequence, and their grid (``layout``);
 * the **stages** that prefix sharing may run once for the conditional and perturbed rows;
 * which model inputs are **not** per sample (rotary tables, position ids), so nothing is
@@ -26,7 +29,8 @@ import torch.nn as nn
 
 from ..perturb import TokenLayout
 
-SITE_KINDS = ("self", "joint", "single")
+SITE_KINDS = ("self", "joint", "single", "spatial", "temporal", "spatiotemporal")
+SELF_KINDS = ("self", "spatial", "temporal", "spatiotemporal")  # sites whose whole sequence is image (video) tokens
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,12 @@ class Site:
 
 @dataclass
 class ForwardInfo:
-    """What one forward's inputs say about token layouts: the image grid (in the units sites divide by)."""
+    """What one forward's inputs say about token layouts: the image grid (in the units sites divide by) and, for
+    video, the frames of the token grid (F of F×H×W, after any temporal patching)."""
 
     hw: tuple[int, int] | None = None
     text_tokens: int | None = None
+    frames: int | None = None
 
 
 class Backend:
@@ -77,16 +83,31 @@ class Backend:
     def forward_info(self, model: nn.Module, x: torch.Tensor, kwargs: dict) -> ForwardInfo:
         return ForwardInfo(hw=tuple(x.shape[-2:]) if x.ndim == 4 else None)
 
+    def sample_info(self, model: nn.Module) -> ForwardInfo | None:
+        """The layout facts of a forward at the model's configured sample size (for ``pagkit layers``), if known."""
+        size = getattr(model, "config", {}).get("sample_size")
+        if size is None:
+            return None
+        return ForwardInfo(hw=(size, size) if isinstance(size, int) else tuple(size))
+
+    def grid(self, site: Site, info: ForwardInfo | None) -> tuple[int, ...] | None:
+        """The token grid one attention call of ``site`` covers: (H, W); for video (F, H, W), of which a spatial
+        site sees one frame (1, H, W) and a temporal site one position (F, 1, 1)."""
+        if info is None or info.hw is None or not site.downsampling:
+            return None
+        grid = (math.ceil(info.hw[0] / site.downsampling), math.ceil(info.hw[1] / site.downsampling))
+        if info.frames is None:
+            return grid
+        return {"spatial": (1, *grid), "temporal": (info.frames, 1, 1)}.get(site.kind, (info.frames, *grid))
+
     def layout(self, site: Site, seq_len: int, info: ForwardInfo | None) -> TokenLayout:
-        grid = None
-        if info is not None and info.hw is not None and site.downsampling:
-            grid = (math.ceil(info.hw[0] / site.downsampling), math.ceil(info.hw[1] / site.downsampling))
-        if site.kind == "self":
+        grid = self.grid(site, info)
+        if site.kind in SELF_KINDS:
             return TokenLayout.self_attention(seq_len, grid)
         if grid is None:
             raise ValueError(f"pagkit cannot tell where the image tokens of {site.kind} site {site.name} are: "
                              "the forward's image grid is unknown")
-        n = grid[0] * grid[1]
+        n = math.prod(grid)
         if n > seq_len:
             raise ValueError(f"{site.name}: {n} image tokens expected in a sequence of {seq_len}")
         return TokenLayout(seq_len, (0, n) if site.image_first else (seq_len - n, seq_len), grid)
@@ -131,4 +152,4 @@ def detect(model: nn.Module) -> Backend:
 
 
 # the families, most specific first
-from . import unet, sd3, flux, flux2, chroma, qwenimage, auraflow, cogview4, lumina2, transformer2d, generic  # noqa: E402,F401
+from . import unet, sd3, flux, wan, flux2, chroma, qwenimage, auraflow, cogview4, lumina2, transformer2d, generic  # noqa: E402,F401

@@ -1,0 +1,277 @@
+"""Every video family through the same invariants, against references written here.
+
+As in test_joint_families: the references compute attention explicitly, softmax(QKᵀ/√d + M)·V, at the point
+where the model's own processor would call attention (so QK-norm and RoPE are the model's own). SEG's blur is
+written here as a dense matrix, the Kronecker product of one reflect-padded 1-D Gaussian per axis of the F×H×W
+grid (the identity along F for ``per_frame``), applied to the image queries.
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models import attention_processor
+from diffusers.models.transformers import transformer_wan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import video_models as V  # noqa: E402
+
+import pagkit  # noqa: E402
+from pagkit.backends import SITE_KINDS  # noqa: E402
+from pagkit.denoise import GuidedDenoiser  # noqa: E402
+from pagkit.perturb import Identity, QueryBlur, Uniform  # noqa: E402
+from pagkit.routing import Segment, routed  # noqa: E402
+
+# per family: builder, inputs, the token grid F×H×W of those inputs, the kinds of its sites, where the image tokens
+# sit in a joint/single sequence (read off the processors; None: self-attention only), modules that hold attention
+# but must not be sites, and the diffusers modules whose attention call the reference replaces
+FAMILIES = {
+    "wan": dict(build=V.wan, inputs=V.wan_inputs, grid=(3, 4, 6), kinds={"spatiotemporal"}, image_first=None,
+                not_sites=["blocks.0.attn2", "blocks.1.attn2"], dispatch=[transformer_wan], functional=[]),
+}
+
+SIGMA = 1.0  # kernel ceil(6σ)+1 = 7, clamped to 3 along F and H and 5 along W of the 3 × 4 × 6 grid
+PERTURBATIONS = {"identity": Identity(), "strict": Identity(strict=True), "uniform": Uniform(),
+                 "uniform_frame": QueryBlur(float("inf"), per_frame=True), "blur": QueryBlur(SIGMA),
+                 "blur_frame": QueryBlur(SIGMA, per_frame=True)}
+_SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def blur_matrix_1d(length, sigma):
+    """out = M @ x: a Gaussian of ceil(6σ)+1 taps (odd, at most the largest odd ≤ length) with reflect padding."""
+    k = math.ceil(6 * sigma) + 1
+    k = k if k % 2 else k - 1
+    k = min(k, length if length % 2 else length - 1)
+    m = torch.zeros(length, length, dtype=torch.float64)
+    if k <= 1:
+        return m + torch.eye(length, dtype=torch.float64)
+    half = k // 2
+    taps = torch.tensor([math.exp(-0.5 * ((j - half) / sigma) ** 2) for j in range(k)], dtype=torch.float64)
+    taps = taps / taps.sum()
+    for i in range(length):
+        for j in range(k):
+            src = i + j - half
+            src = -src if src < 0 else (2 * (length - 1) - src if src >= length else src)
+            m[i, src] += taps[j]
+    return m
+
+
+def blur_matrix(grid, sigma, per_frame):
+    f, h, w = grid
+    frames = torch.eye(f, dtype=torch.float64) if per_frame else blur_matrix_1d(f, sigma)
+    return torch.kron(frames, torch.kron(blur_matrix_1d(h, sigma), blur_matrix_1d(w, sigma)))
+
+
+def explicit_attention(q, k, v, image, grid, mode, attn_mask=None, scale=None, enable_gqa=False, **_):
+    """(B, H, S, d) → (B, H, S, d); ``image`` = (start, stop) of the video tokens, ``grid`` their F×H×W."""
+    a, b = image
+    assert b - a == math.prod(grid)
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = torch.zeros(q.shape[-2], k.shape[-2])
+    if attn_mask is not None:  # the model's own mask (bool: True = attend), kept on every query
+        mask = mask + (torch.zeros(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
+                       if attn_mask.dtype == torch.bool else attn_mask)
+    q = q.clone()
+    qi = q[:, :, a:b]
+    if mode == "identity":
+        block = torch.full((b - a, b - a), float("-inf"))
+        block.fill_diagonal_(0.0)
+        mask = mask.expand(*q.shape[:2], *mask.shape[-2:]).clone() if mask.ndim < 4 else mask.clone()
+        mask[..., a:b, a:b] = mask[..., a:b, a:b] + block
+    elif mode == "uniform":
+        q[:, :, a:b] = qi.mean(dim=2, keepdim=True)
+    elif mode == "uniform_frame":
+        per = (b - a) // grid[0]  # tokens of one frame
+        q[:, :, a:b] = qi.unflatten(2, (grid[0], per)).mean(dim=3).repeat_interleave(per, dim=2)
+    elif mode in ("blur", "blur_frame"):
+        q[:, :, a:b] = (blur_matrix(grid, SIGMA, mode == "blur_frame") @ qi.double()).to(q.dtype)
+    out = torch.softmax(q @ k.transpose(-1, -2) * s + mask, dim=-1) @ v
+    if mode == "strict":
+        out[:, :, a:b] = v[:, :, a:b]
+    return out
+
+
+class _Reference:
+    """Patch the family's attention call so that the chosen modules compute the explicit reference."""
+
+    def __init__(self, monkeypatch, model, names, mode, image_of, spec):
+        self.active = None
+        modules = dict(model.named_modules())
+        for name in names:
+            module = modules[name]
+            original = module.forward
+
+            def forward(*args, __name=name, __original=original, **kwargs):
+                self.active = __name
+                try:
+                    return __original(*args, **kwargs)
+                finally:
+                    self.active = None
+            monkeypatch.setattr(module, "forward", forward)
+        reference = self
+
+        class FunctionalWithReference:  # torch.nn.functional, but SDPA of an active module is the reference
+            def __getattr__(self, item):
+                return getattr(torch.nn.functional, item)
+
+            def scaled_dot_product_attention(self, q, k, v, *args, **kwargs):
+                if reference.active is None:
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+                return explicit_attention(q, k, v, *image_of(reference.active, q.shape[-2]), mode,
+                                          **dict(zip(_SDPA_ARGS, args)), **kwargs)
+
+        def dispatch_of(original_dispatch):
+            def dispatch(q, k, v, *args, **kwargs):  # diffusers' dispatch_attention_fn takes (B, S, H, d)
+                if reference.active is None:
+                    return original_dispatch(q, k, v, *args, **kwargs)
+                kwargs = {n: kwargs[n] for n in _SDPA_ARGS if n in kwargs}
+                out = explicit_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                         *image_of(reference.active, q.shape[1]), mode,
+                                         **dict(zip(_SDPA_ARGS, args)), **kwargs)
+                return out.transpose(1, 2)
+            return dispatch
+
+        for module in spec["functional"]:
+            monkeypatch.setattr(module, "F", FunctionalWithReference())
+        for module in spec["dispatch"]:
+            monkeypatch.setattr(module, "dispatch_attention_fn", dispatch_of(module.dispatch_attention_fn))
+
+
+def _image_of(family, model):
+    """Where the video tokens are in a site's sequence, from this file's own knowledge of the family."""
+    spec = FAMILIES[family]
+    kinds = {i.name: i.kind for i in pagkit.layers(model)}
+    n = math.prod(spec["grid"])
+
+    def image_of(name, seq_len):
+        if kinds[name] == "spatiotemporal":
+            assert seq_len == n
+            return (0, n), spec["grid"]
+        return ((0, n) if spec["image_first"] else (seq_len - n, seq_len)), spec["grid"]
+    return image_of
+
+
+def _site_sets(model):
+    kinds = {}
+    for info in pagkit.layers(model):
+        kinds.setdefault(info.kind, []).append(info.name)
+    return [names[:1] for names in kinds.values()] + [[i.name for i in pagkit.layers(model)]]
+
+
+def _call(model, x, t, cond):
+    return model(x, timestep=t, **cond, return_dict=False)[0]
+
+
+def _routed_call(model, names, perturbation, x, t, cond, rows=None):
+    backend = GuidedDenoiser(model, []).backend
+    with routed(model, names) as router:
+        router.info = backend.forward_info(model, x, cond)
+        a, b = rows or (0, x.shape[0])
+        router.plan = [Segment(a, b, {n: perturbation for n in names})]
+        return _call(model, x, t, cond)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sites_kinds_grid_and_what_is_never_a_site(family):
+    spec = FAMILIES[family]
+    model = spec["build"]()
+    infos = pagkit.layers(model)
+    assert {i.kind for i in infos} == spec["kinds"] and spec["kinds"] <= set(SITE_KINDS)
+    backend_sites = GuidedDenoiser(model, []).backend.sites(model)
+    assert {s.image_first for s in backend_sites if s.kind in ("joint", "single")} <= {spec["image_first"]}
+    for name in spec["not_sites"]:
+        assert name in dict(model.named_modules()) and name not in {i.name for i in infos}, name
+        with pytest.raises(ValueError, match="not a perturbable site|cross-attention"):
+            pagkit.resolve_layers(model, name)
+    x, t, cond = spec["inputs"]()
+    backend = GuidedDenoiser(model, []).backend
+    info = backend.forward_info(model, x, cond)
+    for site in backend_sites:
+        grid = backend.layout(site, math.prod(spec["grid"]) + 64, info).grid
+        assert grid == spec["grid"], site.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", PERTURBATIONS)
+def test_perturbed_branch_equals_the_explicit_reference(family, mode, monkeypatch):
+    spec = FAMILIES[family]
+    model = spec["build"]()
+    x, t, cond = spec["inputs"]()
+    plain = _call(model, x, t, cond)
+    for names in _site_sets(model):
+        ours = _routed_call(model, names, PERTURBATIONS[mode], x, t, cond)
+        with monkeypatch.context() as m:
+            _Reference(m, model, names, mode, _image_of(family, model), spec)
+            expected = _call(model, x, t, cond)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+        assert (ours - plain).abs().max() > 1e-3, names  # the perturbation changed something
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_neutral_scale_and_untouched_rows_are_bit_identical(family):
+    spec = FAMILIES[family]
+    model = spec["build"]()
+    x, t, cond = spec["inputs"](batch=3)
+    plain = _call(model, x, t, cond)
+    names = [i.name for i in pagkit.layers(model)]
+    neutral = GuidedDenoiser(model, [pagkit.PAG(0.0, layers=names)]).predict(x, t, cond)
+    assert torch.equal(neutral, plain)
+    out = _routed_call(model, names, Identity(), x, t, cond, rows=(1, 2))
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[2], plain[2])
+    assert not torch.allclose(out[1], plain[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_sharing_is_exact_and_batched_equals_separate(family):
+    spec = FAMILIES[family]
+    model = spec["build"]()
+    x, t, cond = spec["inputs"]()
+    assert GuidedDenoiser(model, []).backend.stages(model)  # the blocks form a list
+    last = pagkit.layers(model)[-1].name
+    terms = [pagkit.PAG(2.0, layers=last), pagkit.SEG(1.5, sigma=SIGMA, layers=last, per_frame=True)]
+    shared = GuidedDenoiser(model, terms).predict(x, t, cond)
+    full = GuidedDenoiser(model, terms, prefix_sharing=False).predict(x, t, cond)
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+    eps = _call(model, x, t, cond)
+    separate = eps + 2.0 * (eps - _routed_call(model, [last], Identity(), x, t, cond)) \
+        + 1.5 * (eps - _routed_call(model, [last], QueryBlur(SIGMA, per_frame=True), x, t, cond))
+    torch.testing.assert_close(full, separate, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_is_restored_after_an_exception(family):
+    spec = FAMILIES[family]
+    model = spec["build"]()
+    x, t, cond = spec["inputs"]()
+    before = _call(model, x, t, cond)
+    names = [i.name for i in pagkit.layers(model)]
+    with pytest.raises(KeyError):
+        with routed(model, names) as router:
+            router.plan = [Segment(0, 2, {n: Identity() for n in names})]
+            raise KeyError("boom")
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.equal(_call(model, x, t, cond), before)
+
+
+def test_blur_matrix_reference_is_a_gaussian_that_keeps_the_mean():
+    m = blur_matrix((3, 4, 6), SIGMA, per_frame=False)
+    torch.testing.assert_close(m.sum(dim=1), torch.ones(72, dtype=torch.float64))
+    assert torch.equal(blur_matrix((3, 4, 6), SIGMA, per_frame=True)[:24, 24:], torch.zeros(24, 48,
+                                                                                            dtype=torch.float64))
+
+
+def test_seg_per_frame_is_the_guidance_option_and_blurs_within_frames_only():
+    assert pagkit.SEG(2.0, sigma=SIGMA, per_frame=True).make_perturbation() == QueryBlur(SIGMA, per_frame=True)
+    q = torch.randn(1, 1, 72, 4)
+    ours = QueryBlur(SIGMA, per_frame=True).blur_queries(q, (3, 4, 6))
+    frame_by_frame = torch.cat([QueryBlur(SIGMA).blur_queries(q[:, :, i * 24:(i + 1) * 24], (4, 6))
+                                for i in range(3)], dim=2)
+    assert torch.equal(ours, frame_by_frame)  # each frame exactly as the 2-D blur of that frame
+    torch.testing.assert_close(QueryBlur(SIGMA).blur_queries(q, (3, 4, 6)),
+                               (blur_matrix((3, 4, 6), SIGMA, False) @ q.double()).float())
+    with pytest.raises(ValueError, match="video token grid 3x4x5 does not hold the 72 tokens"):
+        QueryBlur(SIGMA).blur_queries(q, (3, 4, 5))
