@@ -21,3 +21,48 @@ def wan_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 4, frames, h, w, generator=g), torch.tensor([500.0] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g)))
+
+
+def cogvideox(seed=0, patch_size_t=None, num_layers=2):
+    """CogVideoX-5b-shaped (3-D RoPE, no sincos positions); ``patch_size_t=2``: CogVideoX 1.5-shaped."""
+    from diffusers import CogVideoXTransformer3DModel
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                       time_embed_dim=8, text_embed_dim=16, num_layers=num_layers, sample_width=12,
+                                       sample_height=8, sample_frames=9, patch_size=2, patch_size_t=patch_size_t,
+                                       temporal_compression_ratio=4, max_text_seq_length=5,
+                                       use_rotary_positional_embeddings=True,
+                                       use_learned_positional_embeddings=False).eval()
+
+
+def cogvideox_rotary(model, frames, h, w):
+    """The rotary table CogVideoXPipeline builds (its _prepare_rotary_positional_embeddings), latent sizes."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    c = model.config
+    p, p_t = c.patch_size, c.patch_size_t
+    gh, gw = h // p, w // p
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // p, c.sample_height // p)
+        return get_3d_rotary_pos_embed(embed_dim=c.attention_head_dim, crops_coords=crops, grid_size=(gh, gw),
+                                       temporal_size=frames)
+    return get_3d_rotary_pos_embed(embed_dim=c.attention_head_dim, crops_coords=None, grid_size=(gh, gw),
+                                   temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
+                                   max_size=(c.sample_height // p, c.sample_width // p))
+
+
+def cogvideox_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5, model=None):
+    """Latents (B, F, C, H, W): a 3 × 4 × 6 token grid (CogVideoX 1.5, p_t = 2: pass frames=6)."""
+    g = torch.Generator().manual_seed(seed)
+    model = model or cogvideox()
+    return (torch.randn(batch, frames, 4, h, w, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+                 image_rotary_emb=cogvideox_rotary(model, frames, h, w)))
+
+
+def cogvideox15():
+    return cogvideox(patch_size_t=2)
+
+
+def cogvideox15_inputs(batch=2, seed=1):
+    return cogvideox_inputs(batch, seed, frames=6, model=cogvideox15())

@@ -29,6 +29,10 @@ from pagkit.routing import Segment, routed  # noqa: E402
 FAMILIES = {
     "wan": dict(build=V.wan, inputs=V.wan_inputs, grid=(3, 4, 6), kinds={"spatiotemporal"}, image_first=None,
                 not_sites=["blocks.0.attn2", "blocks.1.attn2"], dispatch=[transformer_wan], functional=[]),
+    "cogvideox": dict(build=V.cogvideox, inputs=V.cogvideox_inputs, grid=(3, 4, 6), kinds={"joint"},
+                      image_first=False, not_sites=[], dispatch=[], functional=[attention_processor]),
+    "cogvideox1.5": dict(build=V.cogvideox15, inputs=V.cogvideox15_inputs, grid=(3, 4, 6), kinds={"joint"},
+                         image_first=False, not_sites=[], dispatch=[], functional=[attention_processor]),
 }
 
 SIGMA = 1.0  # kernel ceil(6σ)+1 = 7, clamped to 3 along F and H and 5 along W of the 3 × 4 × 6 grid
@@ -262,6 +266,19 @@ def test_blur_matrix_reference_is_a_gaussian_that_keeps_the_mean():
     torch.testing.assert_close(m.sum(dim=1), torch.ones(72, dtype=torch.float64))
     assert torch.equal(blur_matrix((3, 4, 6), SIGMA, per_frame=True)[:24, 24:], torch.zeros(24, 48,
                                                                                             dtype=torch.float64))
+
+
+def test_layers_command_lists_video_sites_with_their_f_h_w_grid(tmp_path, capsys):
+    from pagkit.cli import main
+    model = V.cogvideox()
+    model.save_pretrained(tmp_path)
+    assert main(["layers", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 attention sites (2 joint)" in out and "transformer_blocks.1.attn1" in out
+    assert "3x4x6" in out  # sample_frames 9 → 3 latent frames; 8 × 12 latents ÷ patch 2
+    wan = V.wan()  # a tuple patch_size; no configured sample size, so no grid to print
+    assert [(i.name, i.kind, i.downsampling) for i in pagkit.layers(wan)] == \
+        [("blocks.0.attn1", "spatiotemporal", 2), ("blocks.1.attn1", "spatiotemporal", 2)]
 
 
 def test_seg_per_frame_is_the_guidance_option_and_blurs_within_frames_only():
