@@ -66,3 +66,23 @@ def cogvideox15():
 
 def cogvideox15_inputs(batch=2, seed=1):
     return cogvideox_inputs(batch, seed, frames=6, model=cogvideox15())
+
+
+def hunyuan_video(seed=0):
+    """HunyuanVideo-shaped (guidance-distilled: a guidance embedding), one refiner layer."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                          num_layers=2, num_single_layers=2, num_refiner_layers=1, patch_size=2,
+                                          patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+                                          pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)).eval()
+
+
+def hunyuan_video_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5):
+    """Latents (B, C, F, H, W): a 3 × 4 × 6 token grid; the last sample's text has two padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[-1, -2:] = 0
+    return (torch.randn(batch, 4, frames, h, w, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask,
+                 pooled_projections=torch.randn(batch, 8, generator=g), guidance=torch.tensor([6000.0] * batch)))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models import attention_processor
-from diffusers.models.transformers import transformer_wan
+from diffusers.models.transformers import transformer_hunyuan_video, transformer_wan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import video_models as V  # noqa: E402
@@ -33,6 +33,10 @@ FAMILIES = {
                       image_first=False, not_sites=[], dispatch=[], functional=[attention_processor]),
     "cogvideox1.5": dict(build=V.cogvideox15, inputs=V.cogvideox15_inputs, grid=(3, 4, 6), kinds={"joint"},
                          image_first=False, not_sites=[], dispatch=[], functional=[attention_processor]),
+    "hunyuan_video": dict(build=V.hunyuan_video, inputs=V.hunyuan_video_inputs, grid=(3, 4, 6),
+                          kinds={"joint", "single"}, image_first=True,
+                          not_sites=["context_embedder.token_refiner.refiner_blocks.0.attn"],
+                          dispatch=[transformer_hunyuan_video], functional=[attention_processor]),
 }
 
 SIGMA = 1.0  # kernel ceil(6σ)+1 = 7, clamped to 3 along F and H and 5 along W of the 3 × 4 × 6 grid
