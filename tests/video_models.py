@@ -86,3 +86,22 @@ def hunyuan_video_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5):
     return (torch.randn(batch, 4, frames, h, w, generator=g), torch.tensor([500.0] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask,
                  pooled_projections=torch.randn(batch, 8, generator=g), guidance=torch.tensor([6000.0] * batch)))
+
+
+def ltx(seed=0, num_layers=2):
+    from diffusers import LTXVideoTransformer3DModel
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+                                      num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24,
+                                      num_layers=num_layers, caption_channels=16,
+                                      qk_norm="rms_norm_across_heads").eval()
+
+
+def ltx_inputs(batch=2, seed=1, frames=3, h=4, w=6, text=5):
+    """Packed latents (B, F·H·W, C) as LTXPipeline passes them; the last sample's text has two padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text)
+    mask[-1, -2:] = 0
+    return (torch.randn(batch, frames * h * w, 4, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask,
+                 num_frames=frames, height=h, width=w, rope_interpolation_scale=(8 / 25, 32, 32)))

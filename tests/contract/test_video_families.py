@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models import attention_processor
-from diffusers.models.transformers import transformer_hunyuan_video, transformer_wan
+from diffusers.models.transformers import transformer_hunyuan_video, transformer_ltx, transformer_wan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import video_models as V  # noqa: E402
@@ -37,6 +37,9 @@ FAMILIES = {
                           kinds={"joint", "single"}, image_first=True,
                           not_sites=["context_embedder.token_refiner.refiner_blocks.0.attn"],
                           dispatch=[transformer_hunyuan_video], functional=[attention_processor]),
+    "ltx": dict(build=V.ltx, inputs=V.ltx_inputs, grid=(3, 4, 6), kinds={"spatiotemporal"}, image_first=None,
+                not_sites=["transformer_blocks.0.attn2", "transformer_blocks.1.attn2"], dispatch=[transformer_ltx],
+                functional=[]),
 }
 
 SIGMA = 1.0  # kernel ceil(6σ)+1 = 7, clamped to 3 along F and H and 5 along W of the 3 × 4 × 6 grid

@@ -152,4 +152,4 @@ def detect(model: nn.Module) -> Backend:
 
 
 # the families, most specific first
-from . import unet, sd3, flux, wan, cogvideox, hunyuan_video, flux2, chroma, qwenimage, auraflow, cogview4, lumina2, transformer2d, generic  # noqa: E402,F401
+from . import unet, sd3, flux, wan, cogvideox, hunyuan_video, ltx, flux2, chroma, qwenimage, auraflow, cogview4, lumina2, transformer2d, generic  # noqa: E402,F401
