@@ -16,8 +16,8 @@ from .unet import attention_site
 class SD3Backend(Backend):
     name = "sd3"
     model_classes = ("SD3Transformer2DModel",)
-    tested_against = ("diffusers StableDiffusion3PAGPipeline (SD3 without QK-norm); a reference joint "
-                           "forward with an explicit mask (SD3.5)")
+    tested_against = ("diffusers StableDiffusion3(Img2Img)PAGPipeline (SD3 without QK-norm); a reference joint "
+                      "forward with an explicit mask and StableDiffusion3Pipeline against a hand reference (SD3.5)")
 
     def sites(self, model):
         patch = int(model.config.patch_size)

@@ -28,8 +28,8 @@ class UNetBackend(Backend):
     name = "unet"
     model_classes = ("UNet2DModel", "UNet2DConditionModel")
     input_name = "sample"
-    tested_against = ("diffusers StableDiffusion(XL)PAGPipeline, ControlNet PAG, SAG pipeline; "
-                           "img2img/inpaint PAG pipelines")
+    tested_against = ("diffusers' SD, SDXL and Kolors PAG pipelines (txt2img, img2img, inpaint), ControlNet SD "
+                      "(+ inpaint) and SDXL (+ img2img) PAG pipelines, the SAG pipeline")
 
     def _factors(self, model) -> dict[str, int]:
         factors, f = {}, 1
