@@ -65,3 +65,35 @@ def test_shipped_classifier_loads_and_reaches_93_percent_on_the_test_set():
     accuracy = classifier_accuracy(load_classifier(), x, y)
     assert accuracy >= 0.93
     assert accuracy == pytest.approx(config["test_accuracy"], abs=1e-4)
+
+
+def test_load_classifier_reads_the_architecture_from_config_json(tmp_path):
+    from pagkit import io
+    from pagkit.metrics import ResNetClassifier, load_classifier
+    net = ResNetClassifier(width=4).eval()
+    io.save_tensors(tmp_path / "model.safetensors", net.state_dict())
+    io.write_json(tmp_path / "config.json", {"arch": "resnet", "width": 4, "num_features": net.num_features})
+    loaded = load_classifier(tmp_path)
+    assert isinstance(loaded, ResNetClassifier) and loaded.num_features == 16
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    assert torch.equal(loaded.features(x), net.features(x))
+    io.write_json(tmp_path / "config.json", {"arch": "transformer", "width": 4})
+    with pytest.raises(ValueError, match="unknown classifier arch"):
+        load_classifier(tmp_path)
+
+
+def test_second_shipped_classifier_is_another_design_and_seed_and_reaches_90_percent():
+    import json
+
+    from pagkit.data import load_fashion_mnist
+    from pagkit.metrics import (ResNetClassifier, classifier_accuracy, classifier_dir, load_classifier,
+                                second_classifier_dir)
+    config = json.loads((second_classifier_dir() / "config.json").read_text())
+    primary = json.loads((classifier_dir() / "config.json").read_text())
+    assert config["arch"] != primary.get("arch", "vgg") and config["seed"] != primary["seed"]
+    net = load_classifier(second_classifier_dir())
+    assert isinstance(net, ResNetClassifier)
+    x, y = load_fashion_mnist("test")
+    accuracy = classifier_accuracy(net, x, y)
+    assert accuracy >= 0.90
+    assert accuracy == pytest.approx(config["test_accuracy"], abs=1e-4)
