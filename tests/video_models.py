@@ -105,3 +105,21 @@ def ltx_inputs(batch=2, seed=1, frames=3, h=4, w=6, text=5):
     return (torch.randn(batch, frames * h * w, 4, generator=g), torch.tensor([500.0] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask,
                  num_frames=frames, height=h, width=w, rope_interpolation_scale=(8 / 25, 32, 32)))
+
+
+def mochi(seed=0, num_layers=2):
+    from diffusers import MochiTransformer3DModel
+    torch.manual_seed(seed)
+    return MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+                                   pooled_projection_dim=16, in_channels=4, out_channels=None, qk_norm="rms_norm",
+                                   text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
+                                   max_sequence_length=16).eval()
+
+
+def mochi_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5):
+    """Latents (B, C, F, H, W): a 3 × 4 × 6 token grid; the last sample's text has two padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[-1, -2:] = 0
+    return (torch.randn(batch, 4, frames, h, w, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask))

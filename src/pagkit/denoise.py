@@ -179,6 +179,7 @@ class GuidedDenoiser:
                              ({self.sag_layer} if sag_scale is not None else set()))
         with routed(self.model, layer_names, self.backend) as router:
             router.info = self.backend.forward_info(self.model, x, cond)
+            router.batch = x_batch.shape[0]
             router.plan = [Segment(i * b, (i + 1) * b, br.perturbations)
                            for i, br in enumerate(branches) if br.perturbations]
             sag_ref = "uncond" if cfg_scale is not None else "cond"

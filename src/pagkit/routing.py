@@ -42,6 +42,7 @@ class Router:
     sites: dict[str, Site]
     plan: list[Segment] = field(default_factory=list)
     info: ForwardInfo | None = None  # token layout facts of the current forward (image grid)
+    batch: int | None = None  # rows of the model call's batch, for backends whose attention rows are not those
     capture: dict[str, tuple[int, int]] = field(default_factory=dict)  # site → rows whose attention to record
     captured: dict[str, tuple[torch.Tensor, tuple[int, int] | None]] = field(default_factory=dict)
 
@@ -72,10 +73,26 @@ class Router:
         return out
 
     def attend(self, site: Site, segments, capture, query, key, value, attn_mask=None, dropout_p=0.0,
-               is_causal=False, scale=None, enable_gqa=False):
-        """The seam: SDPA for the untouched rows, each segment's perturbation for its rows."""
+               is_causal=False, scale=None, enable_gqa=False, *, call: int = 0):
+        """The seam: SDPA for the untouched rows, each segment's perturbation for its rows.
+
+        ``segments`` and ``capture`` name rows of the model's batch; the backend maps them to the rows of this
+        (the ``call``-th) attention call where they differ (frames folded into the batch, one call per sample).
+        """
         batch = query.shape[0]
         layout = self.backend.layout(site, query.shape[-2], self.info)
+        model_rows = self.backend.attention_rows(site, call, batch, self.batch)
+        if model_rows is not None:
+            model_rows = torch.as_tensor(model_rows)
+            if model_rows.shape != (batch,) or (model_rows.diff() < 0).any():
+                raise ValueError(f"site {site.name}: the backend maps its {batch} attention rows to model rows "
+                                 f"{model_rows.tolist()}; pagkit needs one non-decreasing model row per attention row")
+
+            def span(a, b):  # the attention rows of model rows a:b
+                return int((model_rows < a).sum()), int((model_rows < b).sum())
+            segments = [(*span(a, b), p) for a, b, p in segments if span(a, b)[0] < span(a, b)[1]]
+            if capture is not None:
+                capture = span(*capture)
 
         def rows(t, a, b):
             return t[a:b] if t is not None and t.ndim == 4 and t.shape[0] == batch else t
@@ -134,7 +151,7 @@ class _AttentionSeam(TorchFunctionMode):
             return func(*args, **kwargs)
         self.calls += 1
         bound = dict(zip(_SDPA_ARGS, args), **kwargs)
-        return self.router.attend(self.site, self.segments, self.capture, **bound)
+        return self.router.attend(self.site, self.segments, self.capture, **bound, call=self.calls - 1)
 
 
 @contextmanager

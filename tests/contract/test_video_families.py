@@ -21,7 +21,7 @@ import pagkit  # noqa: E402
 from pagkit.backends import SITE_KINDS  # noqa: E402
 from pagkit.denoise import GuidedDenoiser  # noqa: E402
 from pagkit.perturb import Identity, QueryBlur, Uniform  # noqa: E402
-from pagkit.routing import Segment, routed  # noqa: E402
+from pagkit.routing import Router, Segment, routed  # noqa: E402
 
 # per family: builder, inputs, the token grid F×H×W of those inputs, the kinds of its sites, where the image tokens
 # sit in a joint/single sequence (read off the processors; None: self-attention only), modules that hold attention
@@ -40,6 +40,8 @@ FAMILIES = {
     "ltx": dict(build=V.ltx, inputs=V.ltx_inputs, grid=(3, 4, 6), kinds={"spatiotemporal"}, image_first=None,
                 not_sites=["transformer_blocks.0.attn2", "transformer_blocks.1.attn2"], dispatch=[transformer_ltx],
                 functional=[]),
+    "mochi": dict(build=V.mochi, inputs=V.mochi_inputs, grid=(3, 4, 6), kinds={"joint"}, image_first=True,
+                  not_sites=[], dispatch=[], functional=[attention_processor]),
 }
 
 SIGMA = 1.0  # kernel ceil(6σ)+1 = 7, clamped to 3 along F and H and 5 along W of the 3 × 4 × 6 grid
@@ -181,6 +183,7 @@ def _routed_call(model, names, perturbation, x, t, cond, rows=None):
     backend = GuidedDenoiser(model, []).backend
     with routed(model, names) as router:
         router.info = backend.forward_info(model, x, cond)
+        router.batch = x.shape[0]
         a, b = rows or (0, x.shape[0])
         router.plan = [Segment(a, b, {n: perturbation for n in names})]
         return _call(model, x, t, cond)
@@ -299,3 +302,26 @@ def test_seg_per_frame_is_the_guidance_option_and_blurs_within_frames_only():
                                (blur_matrix((3, 4, 6), SIGMA, False) @ q.double()).float())
     with pytest.raises(ValueError, match="video token grid 3x4x5 does not hold the 72 tokens"):
         QueryBlur(SIGMA).blur_queries(q, (3, 4, 5))
+
+
+def test_attention_rows_map_the_plan_onto_folded_attention_rows():
+    """A family that folds frames into the attention batch (batch × frames rows, batch-major) maps the plan's model
+    rows onto them through Backend.attention_rows; routing perturbs exactly the folded rows of the planned samples."""
+    from diffusers.models.attention_processor import Attention
+    from pagkit.backends import Backend, ForwardInfo, Site
+
+    class Folded(Backend):
+        def attention_rows(self, site, call, attention_batch, model_batch):
+            return torch.arange(attention_batch) // (attention_batch // model_batch)
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8).eval()
+    x = torch.randn(3 * 4, 6, 16)  # 3 samples × 4 frames, 6 tokens a frame
+    site = Site("module", "spatial", 2, 16)
+    router = Router(model=attn, backend=Folded(), sites={"module": site}, info=ForwardInfo(hw=(2, 3), frames=4),
+                    batch=3)
+    router.plan = [Segment(1, 2, {"module": Identity()})]
+    out = router.run_site("module", attn, (x,), {})
+    plain = attn(x)
+    assert torch.equal(out[:4], plain[:4]) and torch.equal(out[8:], plain[8:])
+    torch.testing.assert_close(out[4:8], attn.to_out[0](attn.to_v(x[4:8])), rtol=0, atol=1e-6)

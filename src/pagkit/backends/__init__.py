@@ -112,6 +112,13 @@ class Backend:
             raise ValueError(f"{site.name}: {n} image tokens expected in a sequence of {seq_len}")
         return TokenLayout(seq_len, (0, n) if site.image_first else (seq_len - n, seq_len), grid)
 
+    def attention_rows(self, site: Site, call: int, attention_batch: int, model_batch: int | None):
+        """The model-batch row of each row of the ``call``-th attention call (from 0) of ``site`` during one call
+        of its module, non-decreasing; None (the default) when attention row r is model row r. A family that
+        folds frames or positions into the batch, or attends one sample per call, says so here.
+        ``model_batch``: rows of the model's input batch, where the caller gave it."""
+        return None
+
     def learned_sigma(self, model: nn.Module) -> bool:
         """Whether the output holds ε and a variance (2C channels, as DiT/ADM); only ε is guided."""
         config = getattr(model, "config", {})
@@ -152,4 +159,4 @@ def detect(model: nn.Module) -> Backend:
 
 
 # the families, most specific first
-from . import unet, sd3, flux, wan, cogvideox, hunyuan_video, ltx, flux2, chroma, qwenimage, auraflow, cogview4, lumina2, transformer2d, generic  # noqa: E402,F401
+from . import unet, sd3, flux, wan, cogvideox, hunyuan_video, ltx, mochi, flux2, chroma, qwenimage, auraflow, cogview4, lumina2, transformer2d, generic  # noqa: E402,F401
