@@ -512,7 +512,8 @@ def draw_heatmaps(path: Path, panels: list[tuple[str, dict]], metric_name: str =
                                                       1.2 + 0.42 * tallest), squeeze=False)
     for ax, (title, m) in zip(axes[0], panels):
         values = np.array([[np.nan if v is None else v for v in row] for row in m["change"]], dtype=float)
-        limit = max(1.0, float(np.nanmax(np.abs(values)))) if np.isfinite(values).any() else 1.0
+        # colours saturate at ±25%: the small changes that decide a choice stay visible (the numbers are printed)
+        limit = min(25.0, max(1.0, float(np.nanmax(np.abs(values))))) if np.isfinite(values).any() else 1.0
         image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         ax.set_xticks(range(len(m["scales"])), [f"{s:g}" for s in m["scales"]])
         ax.set_yticks(range(len(m["sites"])), m["sites"], fontsize=7)
