@@ -296,11 +296,14 @@ def _label(r: dict) -> str:
     return f"{c['method'].upper()} {'γ' if c['method'] == 'seg' else 's'}={c['scale']:g} on `{layers}`"
 
 
-def _selection_lines(rows: list[dict]) -> list[str]:
+def _selection_lines(rows: list[dict], missing: int = 0) -> list[str]:
     """Table 9's choice by the rule of docs/notes/table9.md (pagkit.evaluate.choose_settings)."""
     from pagkit.evaluate import choose_settings, flatten
     flat = flatten(rows)
     lines = ["### 9a. Selection by the rule fixed before the rows (docs/notes/table9.md)", ""]
+    if missing:
+        lines += [f"**Provisional:** {missing} configurations of this table are not computed yet; the rule is "
+                  "applied to the rows with both networks' FD that exist, and its choice can change.", ""]
     for method, pick in choose_settings(flat).items():
         name = method.upper()
         if not pick["candidates"]:
@@ -417,7 +420,7 @@ def build(prologue: str = "") -> None:
             md += ["", f"Not computed in this session ({len(missing)} configurations): "
                    + ", ".join(f"`{k}`" for k in missing)]
         if number == "9":
-            md += [""] + _heatmaps(rows, number) + _selection_lines(rows)
+            md += [""] + _heatmaps(rows, number) + _selection_lines(rows, len(missing))
         notes = ROOT / "docs" / "notes" / f"table{number}.md"
         if notes.is_file():
             md += ["", notes.read_text().strip()]
