@@ -34,14 +34,6 @@ class Branch:
     perturbations: dict[str, Perturbation] = field(default_factory=dict)  # layer → perturbation
 
 
-def output_tensor(out) -> torch.Tensor:
-    if torch.is_tensor(out):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out.sample
-
-
 class NoiseSchedule:
     """ᾱ(t) and the prediction type, read off a diffusers scheduler (SAG needs x̂₀ and re-noising)."""
 
@@ -149,7 +141,7 @@ class GuidedDenoiser:
         return shared_prefix(self.model, stage_names, shared * b, source)
 
     def _call(self, x, t, kwargs):
-        return output_tensor(self.forward(x, timestep=t, **kwargs, return_dict=False))
+        return self.backend.call(self.forward, x, t, kwargs)
 
     def predict(self, x: torch.Tensor, t, cond: dict | None = None, uncond: dict | None = None,
                 progress: float = 0.0, external_cfg: float | None = None) -> torch.Tensor:

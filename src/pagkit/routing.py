@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .backends import Backend, ForwardInfo, Site, detect
+from .batch import map_rows
 from .perturb import Perturbation, _additive
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -64,13 +65,49 @@ class Router:
         capture = self.capture.get(name)
         if not segments and capture is None:
             return forward(*args, **kwargs)
+        if self.sites[name].attention is not None:
+            return self._run_adapted(self.sites[name], forward, args, kwargs, segments, capture)
         seam = _AttentionSeam(self, self.sites[name], segments, capture)
         with seam:
             out = forward(*args, **kwargs)
         if seam.calls == 0:
             raise RuntimeError(f"site {name} computed no scaled_dot_product_attention during the call, so nothing "
-                               "was perturbed (its attention processor computes attention another way)")
+                               "was perturbed (it computes attention another way: give pagkit.adapt an attention= "
+                               "adapter for it)")
         return out
+
+    def _run_adapted(self, site: Site, forward, args, kwargs, segments, capture):
+        """A site whose attention is not an SDPA call: untouched rows run the module itself; perturbed rows get
+        q, k, v and ``finish`` from the site's adapter, and the perturbation in between."""
+        x = args[0]
+        batch = x.shape[0]
+
+        def rows(a, b):
+            return [map_rows(v, batch, lambda t: t[a:b]) for v in (args, kwargs)]
+
+        def perturbed(a, b, perturbation):
+            (x_rows, *rest), kw = rows(a, b)
+            q, k, v, finish = site.attention(self.model.get_submodule(site.name), x_rows, *rest, **kw)
+            if not (q.ndim == k.ndim == v.ndim == 4 and q.shape[0] == k.shape[0] == v.shape[0] == b - a
+                    and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]):
+                raise ValueError(f"the attention adapter of site {site.name} must return q, k, v of shape "
+                                 f"(rows={b - a}, heads, tokens, dim) each; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                                 f"{tuple(v.shape)}")
+            return finish(perturbation.attend(q, k, v, self.backend.layout(site, q.shape[-2], self.info)))
+
+        if capture is not None:
+            raise ValueError(f"SAG cannot read the attention map of adapted site {site.name}")
+        pieces, pos = [], 0
+        for a, b, perturbation in segments:
+            if a > pos:
+                r_args, r_kw = rows(pos, a)
+                pieces.append(forward(*r_args, **r_kw))
+            pieces.append(perturbed(a, b, perturbation))
+            pos = b
+        if pos < batch:
+            r_args, r_kw = rows(pos, batch)
+            pieces.append(forward(*r_args, **r_kw))
+        return torch.cat(pieces)
 
     def attend(self, site: Site, segments, capture, query, key, value, attn_mask=None, dropout_p=0.0,
                is_causal=False, scale=None, enable_gqa=False, *, call: int = 0):

@@ -83,10 +83,14 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
     if latents is None:
         latents = initial_noise(model, batch_size, generator, height, width)
     x, step_kwargs = start(scheduler, latents, num_inference_steps, eta=eta, generator=generator)
+    keep_epsilon_only = denoiser.backend.learned_sigma(model) and \
+        scheduler.config.get("variance_type") not in ("learned", "learned_range")
     timesteps = scheduler.timesteps
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress_bar, leave=False)):
         x_in = scheduler.scale_model_input(x, t)
         prediction = denoiser.predict(x_in, t, cond, uncond, progress=i / len(timesteps))
+        if keep_epsilon_only:  # ε and σ (ADM/DiT): a scheduler that does not learn the variance takes ε alone
+            prediction = prediction[:, :x.shape[1]]
         x = scheduler.step(prediction, t, x, **step_kwargs, return_dict=False)[0]
         if callback is not None:
             callback(i, t, x)

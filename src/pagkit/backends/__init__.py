@@ -22,7 +22,7 @@ one new file with a ``Backend`` subclass, registered with ``@register``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,9 @@ class Site:
     channels: int
     downsampling: int | None = 1
     image_first: bool = True
+    attention: object = field(default=None, compare=False, repr=False)
+    """For attention that does not call SDPA (einsum + softmax): ``attention(module, x) -> (q, k, v, finish)``,
+    q/k/v as (B, heads, S, d) and ``finish(out)`` the module's output from the attention output (see custom.py)."""
 
 
 @dataclass
@@ -112,6 +115,13 @@ class Backend:
             raise ValueError(f"{site.name}: {n} image tokens expected in a sequence of {seq_len}")
         return TokenLayout(seq_len, (0, n) if site.image_first else (seq_len - n, seq_len), grid)
 
+    def call(self, forward, x: torch.Tensor, t, kwargs: dict) -> torch.Tensor:
+        """The model's prediction (ε, v or flow velocity, as the model was trained) for a batch."""
+        out = forward(x, timestep=t, **kwargs, return_dict=False)
+        if torch.is_tensor(out):
+            return out
+        return out[0] if isinstance(out, (tuple, list)) else out.sample
+
     def attention_rows(self, site: Site, call: int, attention_batch: int, model_batch: int | None):
         """The model-batch row of each row of the ``call``-th attention call (from 0) of ``site`` during one call
         of its module, non-decreasing; None (the default) when attention row r is model row r. A family that
@@ -148,15 +158,23 @@ def register(cls):
 
 
 def detect(model: nn.Module) -> Backend:
-    """The backend of ``model``'s family, or one clear error naming the supported families."""
+    """The backend of ``model``'s family, or one clear error naming the supported families.
+
+    A model given a backend by ``pagkit.adapt`` (your own PyTorch model) uses that one.
+    """
+    own = getattr(model, "_pagkit_backend", None)
+    if own is not None:
+        return own
     for backend in BACKENDS:
         if backend.matches(model):
             return backend
     supported = ", ".join(c for b in BACKENDS for c in b.model_classes)
     raise ValueError(f"pagkit does not know the model family of {type(model).__name__}. Supported: {supported}. "
-                     "To add one, write a Backend subclass in a new file under src/pagkit/backends/ "
+                     "For your own model, describe it with pagkit.adapt(model, sites=..., call=...); to add a "
+                     "family, write a Backend subclass in a new file under src/pagkit/backends/ "
                      "(see backends/__init__.py)")
 
 
 # the families, most specific first
-from . import unet, sd3, flux, wan, cogvideox, hunyuan_video, ltx, mochi, flux2, chroma, qwenimage, auraflow, cogview4, lumina2, transformer2d, generic  # noqa: E402,F401
+from . import (unet, sd3, flux, flux2, chroma, qwenimage, auraflow, cogview4, lumina2,  # noqa: E402,F401
+               wan, cogvideox, hunyuan_video, ltx, mochi, transformer2d, generic)
