@@ -43,3 +43,16 @@ def test_flux_bench_runs_tiny_and_reports_the_exact_result_limit():
     results = bench.run_interleaved(configs, rounds=1, progress=False)
     table = bench.report("tiny", results, ["no guidance"], limits)
     assert "| PAG(block 2 of 4) pagkit |" in table and "limit (n − d)/n" in table
+
+
+def test_readme_family_table_names_every_registered_backend():
+    from pathlib import Path
+
+    from pagkit.backends import BACKENDS
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    table = readme[readme.index("## Model families"):readme.index("## Your own model")]
+    for backend in BACKENDS:
+        row = next((line for line in table.splitlines() if line.startswith(f"| `{backend.name}.py` |")), None)
+        assert row is not None, f"README's family table has no row for backends/{backend.name}.py"
+        if backend.name != "generic":
+            assert all(f"`{cls}`" in row for cls in backend.model_classes), (backend.name, row)
