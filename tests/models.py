@@ -238,3 +238,34 @@ def flux2_inputs(batch=2, seed=1, h=4, w=6, text=5):
     return (torch.randn(batch, h * w, 8, generator=g), torch.tensor([0.5] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g), img_ids=img_ids.reshape(-1, 4),
                  txt_ids=txt_ids))
+
+
+def sana(seed=0, qk_norm=None, num_layers=2, patch_size=1):
+    """Sana-shaped (linear self-attention, cross-attention); Sana 1.5 with ``qk_norm="rms_norm_across_heads"``."""
+    from diffusers import SanaTransformer2DModel
+    torch.manual_seed(seed)
+    return SanaTransformer2DModel(patch_size=patch_size, in_channels=4, out_channels=4, num_layers=num_layers,
+                                  attention_head_dim=4, num_attention_heads=2, num_cross_attention_heads=2,
+                                  cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                  sample_size=8, qk_norm=qk_norm).eval()
+
+
+def sana_inputs(batch=2, seed=1, h=6, w=8, text=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 8, generator=g),
+                 encoder_attention_mask=torch.ones(batch, text)))
+
+
+def dc_vae(seed=0):
+    """A tiny AutoencoderDC (Sana's autoencoder): latents at 1/2 of the image size, 4 channels."""
+    from diffusers import AutoencoderDC
+    torch.manual_seed(seed)
+    return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                         encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                         decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                         encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                         encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                         encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                         downsample_block_type="conv", upsample_block_type="interpolate",
+                         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407).eval()

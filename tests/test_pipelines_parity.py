@@ -65,6 +65,11 @@ def _hunyuandit():
                 feature_extractor=None, requires_safety_checker=False)
 
 
+def _sana(**transformer):
+    return dict(transformer=models.sana(**transformer), vae=models.dc_vae(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                text_encoder=None, tokenizer=None)
+
+
 def _embeds(family):
     """prompt_embeds & co. for ``family``, as its text encoders would give them (batch 1)."""
     g = torch.Generator().manual_seed(0)
@@ -89,6 +94,10 @@ def _embeds(family):
                     negative_prompt_embeds_2=r(1, 6, 24), prompt_attention_mask=torch.ones(1, 5),
                     negative_prompt_attention_mask=torch.ones(1, 5), prompt_attention_mask_2=torch.ones(1, 6),
                     negative_prompt_attention_mask_2=torch.ones(1, 6), use_resolution_binning=False)
+    if family == "sana":
+        return dict(negative_prompt=None, prompt_embeds=r(1, 5, 8), negative_prompt_embeds=r(1, 5, 8),
+                    prompt_attention_mask=torch.ones(1, 5), negative_prompt_attention_mask=torch.ones(1, 5),
+                    use_resolution_binning=False)
     raise KeyError(family)
 
 
@@ -148,6 +157,8 @@ CASES = {
     # diffusers' HunyuanDiTPAGPipeline crashes without CFG: see test_hunyuandit_without_cfg below
     "hunyuandit": Case("HunyuanDiTPAGPipeline", "HunyuanDiTPipeline", "hunyuandit", components=_hunyuandit,
                        layers="blocks.1", guidance_scales=(5.0,)),
+    # Sana without QK-norm (with it diffusers skips norm_q/norm_k: test_sana15_qk_norm_… below)
+    "sana": Case("SanaPAGPipeline", "SanaPipeline", "sana", components=_sana, layers="blocks.1"),
 }
 
 
@@ -332,3 +343,42 @@ def test_sd35_qk_norm_diffusers_pag_pipeline_skips_it_and_pagkit_does_not():
     with pytest.raises(AttributeError, match="ndim"):  # its joint processor on attn2, which has no text input
         diffusers.StableDiffusion3PAGPipeline(**dual, pag_applied_layers=layers)(
             **kwargs, pag_scale=2.0, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_sana15_qk_norm_diffusers_pag_pipeline_skips_it_and_pagkit_does_not(guidance_scale):
+    """No parity on Sana 1.5 (QK-norm in its linear attention): diffusers' PAGCFG/PAGIdentitySanaLinearAttn-
+    Processor2_0 never apply norm_q/norm_k, so SanaPAGPipeline's unperturbed rows are not the model's prediction
+    (max |diff| 0.013 with CFG, 0.011 without, against the plain transformer over 3 steps of this tiny model) and
+    its latents end 0.019 (CFG) and 0.022 (no CFG) away from pagkit's. pagkit's unperturbed rows are the plain
+    transformer's (to float noise: batch 2 against 1), and its neutral scale is the plain pipeline bit for bit."""
+    case = CASES["sana"]
+    components = _sana(qk_norm="rms_norm_across_heads")
+    model = components["transformer"]
+    plain_model = models.sana(qk_norm="rms_norm_across_heads")  # the same weights, never touched by diffusers
+    reference = diffusers.SanaPAGPipeline(**components, pag_applied_layers=diffusers_layers(model, "blocks.1"))
+    pipe = diffusers.SanaPipeline(**components)
+    for p in (reference, pipe):
+        p.set_progress_bar_config(disable=True)
+    kwargs = _kwargs(case, guidance_scale)
+    rows = 2 if guidance_scale > 1 else 1
+
+    def unperturbed_rows_difference(calls):
+        worst = 0.0
+        for arguments, out in calls:
+            assert out.shape[0] == rows + 1  # [(∅;) c; perturbed c]
+            args = {k: v[:rows] if torch.is_tensor(v) and v.ndim and v.shape[0] == rows + 1 else v
+                    for k, v in arguments.items()}
+            plain = type(plain_model).forward(plain_model, **{**args, "return_dict": False})[0]
+            worst = max(worst, float((out[:rows] - plain).abs().max().detach()))
+        return worst
+
+    calls = _recording_forward(model)
+    theirs = reference(**kwargs, pag_scale=2.0, generator=torch.Generator().manual_seed(1)).images
+    assert len(calls) == STEPS and unperturbed_rows_difference(calls) > 1e-3
+    calls.clear()
+    ours = _run(pipe, kwargs, pagkit.PAG(2.0, layers="blocks.1"))
+    assert len(calls) == STEPS and unperturbed_rows_difference(calls) < 1e-5  # float noise of batch 2 against 1
+    del model.forward
+    assert torch.equal(_run(pipe, kwargs, pagkit.PAG(0.0, layers="blocks.1")), _run(pipe, kwargs))
+    assert (theirs - ours).abs().max() > 1e-2

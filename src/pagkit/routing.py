@@ -77,8 +77,9 @@ class Router:
         return out
 
     def _run_adapted(self, site: Site, forward, args, kwargs, segments, capture):
-        """A site whose attention is not an SDPA call: untouched rows run the module itself; perturbed rows get
-        q, k, v and ``finish`` from the site's adapter, and the perturbation in between."""
+        """A site whose attention is not an SDPA call: untouched rows run the module itself (on the whole batch);
+        perturbed rows get q, k, v and ``finish`` from the site's adapter, and the perturbation (or the site's own
+        ``attend``) in between."""
         x = args[0]
         batch = x.shape[0]
 
@@ -93,20 +94,24 @@ class Router:
                 raise ValueError(f"the attention adapter of site {site.name} must return q, k, v of shape "
                                  f"(rows={b - a}, heads, tokens, dim) each; got {tuple(q.shape)}, {tuple(k.shape)}, "
                                  f"{tuple(v.shape)}")
-            return finish(perturbation.attend(q, k, v, self.backend.layout(site, q.shape[-2], self.info)))
+            layout = self.backend.layout(site, q.shape[-2], self.info)
+            if site.attend is not None:
+                return finish(site.attend(perturbation, q, k, v, layout))
+            return finish(perturbation.attend(q, k, v, layout))
 
         if capture is not None:
             raise ValueError(f"SAG cannot read the attention map of adapted site {site.name}")
+        # untouched rows: the module on the whole batch, so they are the unrouted model's bit for bit (a GEMM over
+        # fewer rows may round differently)
+        plain = forward(*args, **kwargs) if sum(b - a for a, b, _ in segments) < batch else None
         pieces, pos = [], 0
         for a, b, perturbation in segments:
             if a > pos:
-                r_args, r_kw = rows(pos, a)
-                pieces.append(forward(*r_args, **r_kw))
+                pieces.append(plain[pos:a])
             pieces.append(perturbed(a, b, perturbation))
             pos = b
         if pos < batch:
-            r_args, r_kw = rows(pos, batch)
-            pieces.append(forward(*r_args, **r_kw))
+            pieces.append(plain[pos:batch])
         return torch.cat(pieces)
 
     def attend(self, site: Site, segments, capture, query, key, value, attn_mask=None, dropout_p=0.0,

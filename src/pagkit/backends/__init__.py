@@ -51,6 +51,9 @@ class Site:
     attention: object = field(default=None, compare=False, repr=False)
     """For attention that does not call SDPA (einsum + softmax): ``attention(module, x) -> (q, k, v, finish)``,
     q/k/v as (B, heads, S, d) and ``finish(out)`` the module's output from the attention output (see custom.py)."""
+    attend: object = field(default=None, compare=False, repr=False)
+    """With ``attention``, for a kernel that is not softmax (linear attention): ``attend(perturbation, q, k, v,
+    layout) -> out`` computes a perturbation there, or refuses it; default ``perturbation.attend(q, k, v, layout)``."""
 
 
 @dataclass
@@ -177,4 +180,4 @@ def detect(model: nn.Module) -> Backend:
 
 # the families, most specific first
 from . import (unet, sd3, flux, flux2, chroma, qwenimage, auraflow, cogview4, lumina2,  # noqa: E402,F401
-               wan, cogvideox, hunyuan_video, ltx, mochi, transformer2d, generic)
+               wan, cogvideox, hunyuan_video, ltx, mochi, sana, transformer2d, generic)
