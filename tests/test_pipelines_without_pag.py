@@ -1,10 +1,10 @@
-"""``pagkit.attach`` in joint-attention pipelines diffusers has no PAG pipeline for: Flux, SD3.5.
+"""``pagkit.attach`` in joint-attention pipelines diffusers has no PAG pipeline for: Flux, SD3.5, Qwen-Image.
 
 Each run is checked against a reference computed here: the pipeline with its transformer's forward replaced by
 ``_HandGuided``, which forms ε̃ from a plain forward and a separate fully perturbed forward (pagkit's routing
 perturbs; the contract tests check that against an explicit-mask attention) and counts the steps itself.
 Flux runs CFG not at all (guidance-distilled: ``guidance_scale`` is a model input) or as a second,
-unconditional call (``true_cfg_scale`` with a negative prompt); SD3.5 batches [∅; c] as SD3 does.
+unconditional call (``true_cfg_scale`` with a negative prompt), as Qwen-Image does; SD3.5 batches [∅; c] as SD3 does.
 """
 from __future__ import annotations
 
@@ -219,3 +219,61 @@ def test_sd35_pipeline_neutral_scale_is_plain_and_pag_equals_the_hand_reference(
     assert torch.equal(neutral, plain)
     torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
     assert (plain - expected).abs().max() > 1e-3
+
+
+def _qwenimage(true_cfg: bool):
+    """QwenImagePipeline (no VAE: latents at 1/8, packed 2×2 → a 3×4 token grid at 48×64) and its inputs; with
+    ``true_cfg`` a negative prompt whose last two tokens are padding (a text mask) and true_cfg_scale=4."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline(scheduler=_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                             transformer=models.qwenimage())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long),
+                  height=48, width=64, num_inference_steps=STEPS, output_type="latent")
+    if true_cfg:
+        mask = torch.ones(1, 5, dtype=torch.long)
+        mask[:, -2:] = 0
+        kwargs.update(true_cfg_scale=4.0, negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+                      negative_prompt_embeds_mask=mask)
+    return pipe, kwargs
+
+
+@pytest.mark.parametrize("true_cfg", [True, False])
+def test_qwenimage_neutral_scale_is_the_plain_pipeline_and_pag_equals_the_hand_reference(true_cfg):
+    """QwenImagePipeline runs true CFG as a second, unconditional call (then rescales the combined prediction to
+    the conditional one's norm); without a negative prompt it runs the conditional call alone."""
+    pipe, kwargs = _qwenimage(true_cfg)
+    layers = ["blocks.0", "blocks.1"]
+    plain = _run(pipe, kwargs)
+    neutral = _run(pipe, kwargs, pagkit.PAG(0.0, layers=layers))
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers=layers))
+    expected = _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, layers, 2.0, STEPS,
+                                                   separate_cfg=kwargs.get("true_cfg_scale"),
+                                                   negative=kwargs.get("negative_prompt_embeds")))
+    assert pagkit.resolve_layers(pipe.transformer, layers) == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    assert torch.equal(neutral, plain)
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+    assert (plain - expected).abs().max() > 1e-3
+
+
+def test_qwenimage_true_cfg_adds_pag_to_the_conditional_call_only():
+    """Each step: the conditional call runs [c; c perturbed] in one forward, the unconditional one runs alone."""
+    pipe, kwargs = _qwenimage(true_cfg=True)
+    model = pipe.transformer
+    forward = type(model).forward.__get__(model)
+    batches = []
+
+    def recording(*args, **kw):
+        call = inspect.signature(forward).bind(*args, **kw).arguments
+        batches.append((call["hidden_states"].shape[0],
+                        torch.equal(call["encoder_hidden_states"], kwargs["negative_prompt_embeds"])))
+        return forward(*args, **kw)
+    recording.__wrapped__ = forward
+    model.forward = recording
+    try:
+        _run(pipe, kwargs, pagkit.PAG(2.0, layers="blocks.1"))
+    finally:
+        del model.forward
+    assert batches == [(2, False), (1, True)] * STEPS

@@ -92,6 +92,7 @@ def cmd_sample(args) -> None:
     from .report import labelled_grid
     from .sample import sample
     torch.set_num_threads(args.threads) if args.threads else None
+    _configurations(args, conditional=False), _configurations(args, conditional=True)  # scales etc., before loading
     jobs = []  # (title, model, scheduler, conditional)
     if args.model:
         model = load_model(args.model)
@@ -121,6 +122,11 @@ def cmd_sample(args) -> None:
     for title, model, scheduler, conditional in jobs:  # check every layer name before spending time sampling
         for _, terms in _configurations(args, conditional):
             GuidedDenoiser(model, terms, scheduler=scheduler)
+        classes = model.config.get("num_class_embeds")
+        if conditional and args.class_label is not None and classes and not 0 <= args.class_label < classes:
+            null = f"; {NULL_CLASS} is the null class of CFG" if NULL_CLASS < classes else ""
+            raise ValueError(f"--class-label {args.class_label} is out of range for {title}: its classes are "
+                             f"0..{classes - 1}{null}")
 
     rows = []
     for title, model, scheduler, conditional in jobs:

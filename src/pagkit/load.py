@@ -59,9 +59,24 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32):
     cls = getattr(diffusers, class_name or "", None)
     if cls is None:
         raise ValueError(f"{folder}/config.json names model class {class_name!r}, which diffusers does not have")
-    if not list(folder.glob("*.safetensors")):
+    weights = list(folder.glob("*.safetensors"))
+    if not weights:
         raise FileNotFoundError(f"{folder} has no .safetensors weights (pagkit never loads pickled weights)")
-    return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).eval()
+    for path in weights:  # a corrupt or truncated file fails here in one line, not deep inside diffusers
+        check_safetensors(path)
+    # low_cpu_mem_usage=False: loads without accelerate, and without diffusers' warning that it is missing
+    return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, low_cpu_mem_usage=False).eval()
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Raise ValueError if ``path`` is not a readable safetensors file (its header and every tensor's extent)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                f.get_slice(name).get_shape()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from None
 
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' ``timestep_spacing`` values
