@@ -123,3 +123,21 @@ def mochi_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5):
     mask[-1, -2:] = 0
     return (torch.randn(batch, 4, frames, h, w, generator=g), torch.tensor([500.0] * batch),
             dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask))
+
+
+def animatediff(seed=0):
+    """AnimateDiff-shaped UNetMotionModel: a cross-attention down block, a plain one, a motion mid block; motion
+    modules (temporal attention) after every resnet."""
+    from diffusers import UNetMotionModel
+    torch.manual_seed(seed)
+    return UNetMotionModel(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+                           down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+                           up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), num_attention_heads=2,
+                           motion_num_attention_heads=2, motion_max_seq_length=8, sample_size=8).eval()
+
+
+def animatediff_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5):
+    """Latents (B, C, F, H, W); the text repeated per frame, (b f), as AnimateDiffPipeline passes it."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, frames, h, w, generator=g), torch.tensor(500),
+            dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g).repeat_interleave(frames, dim=0)))

@@ -11,7 +11,8 @@ path, e.g.
   ``down_blocks.N``, ``up_blocks.N``, ``transformer_blocks.N`` or HunyuanDiT's ``blocks.N``,
   Flux's ``single_transformer_blocks.N``, its double-stream ``transformer_blocks.N``). Any path segments may follow,
   e.g. ``down.1.attentions.0``. ``blocks.1`` never selects ``blocks.10``: that
-  regex-substring behaviour of diffusers is exactly what this module avoids.
+  regex-substring behaviour of diffusers is exactly what this module avoids. A bare block alias selects a
+  video block's spatial attention, not its temporal (motion-module) attention; name or glob those.
 
 An item that selects nothing is an error naming the closest valid names.
 """
@@ -77,6 +78,19 @@ def _segment_match(pattern: list[str], path: list[str]) -> bool:
     return False
 
 
+def _alias_hits(model: nn.Module, item: str, names: list[str]) -> list[str]:
+    """The sites an exact name or alias selects. A bare block alias (``mid``, ``down.1``) selects the block's
+    spatial attention: its temporal sites (video motion modules) only when it holds nothing else; a name or glob
+    that goes into them (``mid.motion_modules.0``, ``mid_block.motion_modules.*``) reaches them."""
+    parts = item.split(".")
+    hits = [n for n in names if _segment_match(parts, n.split("."))]
+    bare = parts[0] in ALIAS_SEGMENTS and (len(parts) == 1 or (len(parts) == 2 and parts[1].isdigit()))
+    if bare and item not in names:
+        kinds = {s.name: s.kind for s in detect(model).sites(model)}
+        return [n for n in hits if kinds[n] != "temporal"] or hits
+    return hits
+
+
 def aliases(model: nn.Module) -> dict[str, list[str]]:
     """The short aliases that select something in ``model``, each with the layers it selects."""
     names = list(sites(model))
@@ -94,7 +108,7 @@ def aliases(model: nn.Module) -> dict[str, list[str]]:
                     candidates.append(f"{short}.{parts[i + 1]}")
     out = {}
     for alias in dict.fromkeys(candidates):
-        selected = [n for n in names if _segment_match(alias.split("."), n.split("."))]
+        selected = _alias_hits(model, alias, names)
         if selected:
             out[alias] = selected
     return out
@@ -116,7 +130,7 @@ def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...
         if any(c in item for c in "*?["):
             hits = fnmatch.filter(names, item)
         else:
-            hits = [n for n in names if _segment_match(item.split("."), n.split("."))]
+            hits = _alias_hits(model, item, names)
         if not hits:
             raise ValueError(_unknown_layer_message(model, item, names))
         chosen.update(hits)

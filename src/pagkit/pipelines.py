@@ -133,9 +133,12 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         return_dict = inputs.pop("return_dict", True)
         first = next(iter(signature.parameters))  # "sample" (UNets) or "hidden_states" (transformers)
         x, t = inputs.pop(first), inputs.pop("timestep")
+        inputs = denoiser.backend.per_sample_inputs(model, x, inputs)
         progress = _progress(pipe, t, denoiser.backend.timestep_divisor)
         w = _pipeline_cfg_scale(pipe, call_args)
         w_separate = _separate_cfg_scale(call_args)
+        if w_separate is None and w is not None and context.get("name") in ("cond", "uncond"):
+            w, w_separate = None, w  # CFG as two calls the pipeline names (WanPipeline), not a [∅; c] batch
         if w_separate is not None:
             # which call of the step this is: the pipeline's cache_context names it; without one, the
             # conditional call comes first at each timestep (FluxPipeline, QwenImagePipeline)

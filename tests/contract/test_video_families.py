@@ -325,3 +325,90 @@ def test_attention_rows_map_the_plan_onto_folded_attention_rows():
     plain = attn(x)
     assert torch.equal(out[:4], plain[:4]) and torch.equal(out[8:], plain[8:])
     torch.testing.assert_close(out[4:8], attn.to_out[0](attn.to_v(x[4:8])), rtol=0, atol=1e-6)
+
+
+# AnimateDiff's UNetMotionModel: spatial sites (one frame, the frames folded into the batch) and temporal sites
+# (one position across the frames, the positions folded into the batch), each call's grid read off its sequence
+ANIMATEDIFF_MODES = ("identity", "strict", "uniform", "blur")
+
+
+def _animatediff_image_of(frames=3, h=8, w=12):
+    grids = {h * w: (1, h, w), (h // 2) * (w // 2): (1, h // 2, w // 2), frames: (frames, 1, 1)}
+
+    def image_of(name, seq_len):
+        grid = grids[seq_len]
+        assert (grid[0] > 1) == (".motion_modules." in name), name  # temporal sites see the frames only
+        return (0, seq_len), grid
+    return image_of
+
+
+def test_animatediff_sites_spatial_and_temporal_and_the_mid_alias_is_spatial():
+    model = V.animatediff()
+    infos = {i.name: i for i in pagkit.layers(model)}
+    assert {i.kind for i in infos.values()} == {"spatial", "temporal"}
+    assert all((i.kind == "temporal") == (".motion_modules." in n) for n, i in infos.items())
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" not in infos  # cross-attention
+    assert "down_blocks.0.motion_modules.0.transformer_blocks.0.attn2" in infos  # motion modules: self-attention
+    assert pagkit.resolve_layers(model, "mid") == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    assert pagkit.resolve_layers(model, "mid_block.motion_modules.*") == [
+        "mid_block.motion_modules.0.transformer_blocks.0.attn1", "mid_block.motion_modules.0.transformer_blocks.0.attn2"]
+    assert pagkit.resolve_layers(model, "mid.motion_modules.0") == pagkit.resolve_layers(model,
+                                                                                          "mid_block.motion_modules.*")
+    x, t, cond = V.animatediff_inputs()
+    backend = GuidedDenoiser(model, []).backend
+    info = backend.forward_info(model, x, cond)
+    grids = {s.name: backend.layout(s, 0, info).grid for s in backend.sites(model)}
+    assert grids["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == (1, 8, 12)
+    assert grids["mid_block.attentions.0.transformer_blocks.0.attn1"] == (1, 4, 6)
+    assert grids["mid_block.motion_modules.0.transformer_blocks.0.attn1"] == (3, 1, 1)
+
+
+@pytest.mark.parametrize("mode", ANIMATEDIFF_MODES)
+def test_animatediff_perturbed_branch_equals_the_explicit_reference(mode, monkeypatch):
+    model = V.animatediff()
+    x, t, cond = V.animatediff_inputs()
+    plain = _call(model, x, t, cond)
+    infos = pagkit.layers(model)
+    spatial = [i.name for i in infos if i.kind == "spatial"]
+    temporal = [i.name for i in infos if i.kind == "temporal"]
+    spec = dict(functional=[attention_processor], dispatch=[])
+    for names in (spatial[:1], temporal[:1], ["mid_block.motion_modules.0.transformer_blocks.0.attn2"],
+                  spatial + temporal):
+        ours = _routed_call(model, names, PERTURBATIONS[mode], x, t, cond)
+        with monkeypatch.context() as m:
+            _Reference(m, model, names, mode, _animatediff_image_of(), spec)
+            expected = _call(model, x, t, cond)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+        assert (ours - plain).abs().max() > 1e-4, names
+
+
+def test_animatediff_neutral_untouched_rows_prefix_fallback_and_restore():
+    import pagkit.prefix
+    model = V.animatediff()
+    x, t, cond = V.animatediff_inputs(batch=3)
+    plain = _call(model, x, t, cond)
+    names = [i.name for i in pagkit.layers(model)]
+    pagkit.prefix._warned.discard("UNetMotionModel")
+    per_sample = GuidedDenoiser(model, []).backend.per_sample_inputs(model, x, cond)
+    assert per_sample["encoder_hidden_states"].shape[:2] == (3, 3)  # (B, F, S, C): one row per sample
+    neutral = GuidedDenoiser(model, [pagkit.PAG(0.0, layers=names)]).predict(x, t, per_sample)
+    assert torch.equal(neutral, plain)
+    for rows in ((1, 2), (0, 1), (2, 3)):  # the (b f) and (b h w) rows of one sample only
+        out = _routed_call(model, names, Identity(), x, t, cond, rows=rows)
+        for r in range(3):
+            assert torch.equal(out[r], plain[r]) != (r == rows[0]), (rows, r)
+    # batched [c; PAG; SEG] (no stage list: the plain batched pass) = separate perturbed calls
+    mid = "mid"
+    terms = [pagkit.PAG(2.0, layers=mid), pagkit.SEG(1.5, sigma=SIGMA, layers=mid)]
+    with pytest.warns(UserWarning, match="prefix sharing does not know the layout of UNetMotionModel"):
+        batched = GuidedDenoiser(model, terms).predict(x, t, per_sample)
+    [site] = pagkit.resolve_layers(model, mid)
+    separate = plain + 2.0 * (plain - _routed_call(model, [site], Identity(), x, t, cond)) \
+        + 1.5 * (plain - _routed_call(model, [site], QueryBlur(SIGMA), x, t, cond))
+    torch.testing.assert_close(batched, separate, rtol=0, atol=1e-5)
+    with pytest.raises(KeyError):
+        with routed(model, names) as router:
+            router.plan = [Segment(0, 2, {n: Identity() for n in names})]
+            raise KeyError("boom")
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.equal(_call(model, x, t, cond), plain)

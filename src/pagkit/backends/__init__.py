@@ -125,6 +125,11 @@ class Backend:
             return out
         return out[0] if isinstance(out, (tuple, list)) else out.sample
 
+    def per_sample_inputs(self, model: nn.Module, x: torch.Tensor, kwargs: dict) -> dict:
+        """The inputs of a call as its caller (a pipeline) gave them, with one row per sample of ``x``: a family
+        whose call convention folds frames into an input's rows unfolds it here, and its ``call`` folds it back."""
+        return kwargs
+
     def attention_rows(self, site: Site, call: int, attention_batch: int, model_batch: int | None):
         """The model-batch row of each row of the ``call``-th attention call (from 0) of ``site`` during one call
         of its module, non-decreasing; None (the default) when attention row r is model row r. A family that
@@ -181,3 +186,4 @@ def detect(model: nn.Module) -> Backend:
 # the families, most specific first
 from . import (unet, sd3, flux, flux2, chroma, qwenimage, auraflow, cogview4, lumina2,  # noqa: E402,F401
                wan, cogvideox, hunyuan_video, ltx, mochi, sana, transformer2d, generic)
+from . import animatediff  # noqa: E402,F401
