@@ -269,3 +269,25 @@ def dc_vae(seed=0):
                          encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
                          downsample_block_type="conv", upsample_block_type="interpolate",
                          decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407).eval()
+
+
+def hidream(seed=0):
+    """HiDream-shaped: one double-stream and two single-stream blocks, MoE feed-forward, Llama layers (0, 1)."""
+    from diffusers import HiDreamImageTransformer2DModel
+    torch.manual_seed(seed)
+    return HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                          num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                          caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2,
+                                          num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+                                          max_resolution=(16, 16), llama_layers=(0, 1, 0),
+                                          force_inference_output=True).eval()
+
+
+def hidream_inputs(batch=2, seed=1, h=8, w=8, text=3, native=True):
+    """``native``: the Llama states as the model takes them, (layers, batch, tokens, dim); else batch first."""
+    g = torch.Generator().manual_seed(seed)
+    llama = torch.randn(2, batch, text, 4, generator=g)
+    return (torch.randn(batch, 4, h, w, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states_t5=torch.randn(batch, text + 1, 8, generator=g),
+                 encoder_hidden_states_llama3=llama if native else llama.transpose(0, 1),
+                 pooled_embeds=torch.randn(batch, 8, generator=g)))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers.models import attention_processor
 from diffusers.models.transformers import (transformer_cogview4, transformer_flux, transformer_flux2,
-                                           transformer_lumina2, transformer_qwenimage)
+                                           transformer_hidream_image, transformer_lumina2, transformer_qwenimage)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
@@ -31,27 +31,33 @@ FAMILIES = {
     "cogview4": (models.cogview4, models.cogview4_inputs),
     "lumina2": (models.lumina2, models.lumina2_inputs),
     "flux2": (models.flux2, models.flux2_inputs),
+    "hidream": (models.hidream, lambda **kw: models.hidream_inputs(**kw, native=False)),
 }
 
 # modules whose processors call diffusers' dispatch_attention_fn by the name they imported
 DISPATCH_MODULES = (transformer_flux, transformer_flux2, transformer_qwenimage)
 # modules whose processors call torch.nn.functional's SDPA through their own name F
-F_MODULES = (attention_processor, transformer_cogview4, transformer_lumina2)
+F_MODULES = (attention_processor, transformer_cogview4, transformer_lumina2, transformer_hidream_image)
 
 # per family: the kinds of its sites, and modules that hold attention but must not be sites
 KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"},
          "auraflow": {"joint", "single"}, "cogview4": {"joint"},
-         "lumina2": {"self", "single"}, "flux2": {"joint", "single"}}
+         "lumina2": {"self", "single"}, "flux2": {"joint", "single"}, "hidream": {"joint", "single"}}
 NOT_SITES = {"lumina2": ["context_refiner.0.attn"]}
 # per family: whether the image tokens come first in its joint/single-stream sequences (read off the processors)
 IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "chroma": False, "auraflow": False,
-               "cogview4": False, "lumina2": False, "flux2": False}
+               "cogview4": False, "lumina2": False, "flux2": False, "hidream": True}
 # per family: the image grid its backend reads off the inputs of tests/models.py (in the units sites divide by)
 GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12), "lumina2": (8, 12),
-         "flux2": (4, 6)}
+         "flux2": (4, 6), "hidream": (4, 4)}
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _forward(model, x, t, cond):
+    """The model's prediction, called by its family's convention (inputs per sample on axis 0, as pagkit's)."""
+    return GuidedDenoiser(model, []).backend.call(model, x, t, cond)
 
 
 def _explicit_attention(q, k, v, image, mode, attn_mask=None, scale=None, enable_gqa=False, **_):
@@ -186,11 +192,11 @@ def test_perturbed_branch_equals_the_explicit_mask_reference(family, mode, monke
         with routed(model, names) as router:
             router.info = backend.forward_info(model, x, cond)
             router.plan = [Segment(0, x.shape[0], {n: perturbation for n in names})]
-            ours = model(x, timestep=t, **cond, return_dict=False)[0]
+            ours = _forward(model, x, t, cond)
         with monkeypatch.context() as m:
             _Reference(m, model, names, mode, _image_of(model, x))
-            expected = model(x, timestep=t, **cond, return_dict=False)[0]
-        plain = model(x, timestep=t, **cond, return_dict=False)[0]
+            expected = _forward(model, x, t, cond)
+        plain = _forward(model, x, t, cond)
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
         assert (ours - plain).abs().max() > 1e-3, names  # the perturbation changed something
 
@@ -200,7 +206,7 @@ def test_neutral_scale_and_untouched_rows_are_bit_identical(family):
     build, inputs = FAMILIES[family]
     model = build()
     x, t, cond = inputs(batch=3)
-    plain = model(x, timestep=t, **cond, return_dict=False)[0]
+    plain = _forward(model, x, t, cond)
     names = [i.name for i in pagkit.layers(model)]
     neutral = GuidedDenoiser(model, [pagkit.PAG(0.0, layers=names)]).predict(x, t, cond)
     assert torch.equal(neutral, plain)
@@ -208,7 +214,7 @@ def test_neutral_scale_and_untouched_rows_are_bit_identical(family):
     with routed(model, names) as router:
         router.info = backend.forward_info(model, x, cond)
         router.plan = [Segment(1, 2, {n: Identity() for n in names})]
-        out = model(x, timestep=t, **cond, return_dict=False)[0]
+        out = _forward(model, x, t, cond)
     assert torch.equal(out[0], plain[0]) and torch.equal(out[2], plain[2])
     assert not torch.allclose(out[1], plain[1])
 
@@ -223,14 +229,14 @@ def test_prefix_sharing_is_exact_and_batched_equals_separate(family):
     shared = GuidedDenoiser(model, terms).predict(x, t, cond)
     full = GuidedDenoiser(model, terms, prefix_sharing=False).predict(x, t, cond)
     torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
-    eps = model(x, timestep=t, **cond, return_dict=False)[0]
+    eps = _forward(model, x, t, cond)
     backend = GuidedDenoiser(model, []).backend
 
     def perturbed(p):
         with routed(model, [last]) as router:
             router.info = backend.forward_info(model, x, cond)
             router.plan = [Segment(0, x.shape[0], {last: p})]
-            return model(x, timestep=t, **cond, return_dict=False)[0]
+            return _forward(model, x, t, cond)
     separate = eps + 2.0 * (eps - perturbed(Identity())) + 1.5 * (eps - perturbed(Uniform()))
     torch.testing.assert_close(full, separate, rtol=0, atol=1e-5)
 
@@ -240,14 +246,14 @@ def test_model_is_restored_after_an_exception(family):
     build, inputs = FAMILIES[family]
     model = build()
     x, t, cond = inputs()
-    before = model(x, timestep=t, **cond, return_dict=False)[0]
+    before = _forward(model, x, t, cond)
     names = [i.name for i in pagkit.layers(model)]
     with pytest.raises(KeyError):
         with routed(model, names) as router:
             router.plan = [Segment(0, 2, {n: Identity() for n in names})]
             raise KeyError("boom")
     assert not any("forward" in vars(m) for m in model.modules())
-    assert torch.equal(model(x, timestep=t, **cond, return_dict=False)[0], before)
+    assert torch.equal(_forward(model, x, t, cond), before)
 
 
 def test_guide_takes_the_transformers_own_signature():
@@ -285,7 +291,7 @@ def test_lumina2_image_tokens_follow_each_caption_not_the_end_of_the_sequence():
         with routed(model, [last] if p else []) as router:
             router.info = backend.forward_info(model, x, inputs)
             router.plan = [Segment(0, x.shape[0], {last: p})] if p else []
-            return model(x, timestep=t, **inputs, return_dict=False)[0]
+            return _forward(model, x, t, inputs)
     eps_c, eps_u = run(cond), run(uncond)
     separate = (eps_u + 3.0 * (eps_c - eps_u) + 2.0 * (eps_c - run(cond, Identity()))
                 + 1.5 * (eps_c - run(cond, Uniform())))
@@ -301,3 +307,21 @@ def test_lumina2_captions_of_different_lengths_have_no_single_stream_layout():
     with pytest.raises(ValueError, match="differ in length"):
         GuidedDenoiser(model, [pagkit.PAG(2.0, layers="layers.1.attn")]).predict(x, t, cond)
     GuidedDenoiser(model, [pagkit.PAG(2.0, layers="noise_refiner.0.attn")]).predict(x, t, cond)  # image-only: fine
+
+
+def test_hidream_native_llama_states_and_a_non_square_padded_image_stream():
+    """HiDream takes its Llama states as (layers, batch, tokens, dim): per_sample_inputs puts the batch first and
+    call puts it back. A non-square latent is padded to max_seq image tokens: the image stream is all of them."""
+    model = models.hidream()
+    x, t, native = models.hidream_inputs(batch=3)
+    backend = GuidedDenoiser(model, []).backend
+    inputs = backend.per_sample_inputs(model, x, native)
+    assert inputs["encoder_hidden_states_llama3"].shape[0] == 3
+    assert torch.equal(backend.call(model, x, t, inputs), model(x, timesteps=t, **native, return_dict=False)[0])
+    x, t, cond = models.hidream_inputs(h=8, w=12, native=False)
+    assert backend.forward_info(model, x, cond).hw == (1, model.max_seq)
+    names = [i.name for i in pagkit.layers(model)]
+    plain = _forward(model, x, t, cond)
+    assert torch.equal(GuidedDenoiser(model, [pagkit.PAG(0.0, layers=names)]).predict(x, t, cond), plain)
+    guided = GuidedDenoiser(model, [pagkit.PAG(2.0, layers=names)]).predict(x, t, cond)
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3

@@ -185,5 +185,5 @@ def detect(model: nn.Module) -> Backend:
 
 # the families, most specific first
 from . import (unet, sd3, flux, flux2, chroma, qwenimage, auraflow, cogview4, lumina2,  # noqa: E402,F401
-               wan, cogvideox, hunyuan_video, ltx, mochi, sana, transformer2d, generic)
+               wan, cogvideox, hunyuan_video, ltx, mochi, sana, hidream, transformer2d, generic)
 from . import animatediff  # noqa: E402,F401
