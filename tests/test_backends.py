@@ -45,6 +45,23 @@ def test_flux_bench_runs_tiny_and_reports_the_exact_result_limit():
     assert "| PAG(block 2 of 4) pagkit |" in table and "limit (n − d)/n" in table
 
 
+def test_wan_bench_runs_tiny_and_reports_the_exact_result_limit(monkeypatch, capsys):
+    from pagkit import bench
+    from pagkit.cli import main
+    model = bench.wan_shaped_transformer(num_layers=4, num_attention_heads=2, attention_head_dim=8, ffn_dim=16,
+                                         freq_dim=16, text_dim=8, in_channels=4, out_channels=4)
+    configs, limits = bench.wan_configs(1, latent=(2, 4, 4), text=3, model=model)
+    assert limits == {"PAG(block 1 of 4) pagkit": 0.75, "PAG(block 2 of 4) pagkit": 0.5,
+                      "PAG(block 3 of 4) pagkit": 0.25}
+    results = bench.run_interleaved(configs, rounds=1, progress=False)
+    table = bench.report("tiny", results, ["no guidance"], limits)
+    assert "| PAG(block 3 of 4) pagkit, no sharing |" in table and "limit (n − d)/n" in table
+    tiny = bench.wan_configs
+    monkeypatch.setattr(bench, "wan_configs", lambda steps: tiny(steps, latent=(2, 4, 4), text=3, model=model))
+    assert main(["bench", "--model", "wan", "--steps", "1", "--rounds", "1"]) in (None, 0)
+    assert "Wan-shaped video transformer, PAG on one block at depth d of n" in capsys.readouterr().out
+
+
 def test_readme_family_table_names_every_registered_backend():
     from pathlib import Path
 

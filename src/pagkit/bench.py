@@ -191,6 +191,49 @@ def flux_configs(steps: int, side: int = 32, text: int = 64, model=None) -> tupl
     return configs, limits
 
 
+WAN_SHAPE = dict(num_layers=8, num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+                 text_dim=64, freq_dim=64, ffn_dim=512, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads",
+                 cross_attn_norm=True, rope_max_seq_len=64)
+WAN_LATENT = (5, 24, 24)  # latent frames × height × width: a 5 × 12 × 12 token grid (720 video tokens)
+
+
+def wan_shaped_transformer(seed: int = 0, **overrides):
+    """A Wan-shaped WanTransformer3DModel (3-D self-attention + text cross-attention per block), random weights."""
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**{**WAN_SHAPE, **overrides}).eval()
+
+
+def wan_configs(steps: int, latent: tuple[int, int, int] = WAN_LATENT, text: int = 32, model=None
+                ) -> tuple[dict[str, Callable[[], None]], dict]:
+    """As ``flux_configs``, on a Wan-shaped video transformer: PAG on ``blocks.d.attn1`` (3-D self-attention over
+    the F×H×W tokens) at depth d of n, with and without prefix sharing, against no guidance; latents (1, C, F, H, W)
+    and ``text`` text tokens. The limit (n − d)/n: the share of a forward the perturbed row must recompute."""
+    from .denoise import GuidedDenoiser
+    model = model if model is not None else wan_shaped_transformer()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, model.config.in_channels, *latent, generator=g)
+    cond = dict(encoder_hidden_states=torch.randn(1, text, model.config.text_dim, generator=g))
+    n = len(model.blocks)
+
+    def run(terms, share=True):
+        denoiser = GuidedDenoiser(model, terms, prefix_sharing=share)
+
+        @torch.no_grad()
+        def go():
+            for i in range(steps):
+                denoiser.predict(x, torch.tensor([1000.0 * (1 - i / steps)]), cond, progress=i / steps)
+        return go
+
+    configs, limits = {"no guidance": run([])}, {}
+    for d in sorted({n // 4, n // 2, n - 1}):
+        name = f"PAG(block {d} of {n})"
+        configs[f"{name} pagkit, no sharing"] = run([G.PAG(3.0, layers=f"blocks.{d}.attn1")], share=False)
+        configs[f"{name} pagkit"] = run([G.PAG(3.0, layers=f"blocks.{d}.attn1")])
+        limits[f"{name} pagkit"] = (n - d) / n
+    return configs, limits
+
+
 def report(title: str, results: dict[str, Result], baselines: list[str], limits: dict[str, float] | None = None
            ) -> str:
     """A markdown table of medians and ratios; with ``limits``, also the extra cost over the first baseline

@@ -183,6 +183,14 @@ def cmd_bench(args) -> None:
         results = bench.run_interleaved(configs, args.rounds)
         sections.append(bench.report("Flux-shaped transformer, PAG on one block at depth d of n", results,
                                      ["no guidance"], limits))
+    if args.model in ("wan", "all"):
+        from .bench import WAN_LATENT, WAN_SHAPE
+        print(f"Wan-shaped WanTransformer3DModel {WAN_SHAPE}, latents {'x'.join(map(str, WAN_LATENT))} (F x H x W), "
+              f"32 text tokens, {args.steps} predictions, {args.rounds} rounds, {args.threads} thread(s)")
+        configs, limits = bench.wan_configs(args.steps)
+        results = bench.run_interleaved(configs, args.rounds)
+        sections.append(bench.report("Wan-shaped video transformer, PAG on one block at depth d of n", results,
+                                     ["no guidance"], limits))
     if args.model in ("demo", "both", "all"):
         if DEFAULT_UNCOND in shipped_models():
             model, title = load_model(DEFAULT_UNCOND), f"shipped {DEFAULT_UNCOND} UNet2DModel"
@@ -347,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="time guidance side by side: diffusers' PAG pipeline vs pagkit")
-    p.add_argument("--model", choices=["sd15", "demo", "flux", "both", "all"], default="both",
+    p.add_argument("--model", choices=["sd15", "demo", "flux", "wan", "both", "all"], default="both",
                    help="sd15: SD1.5-shaped UNet vs diffusers; demo: the shipped UNet; flux: a Flux-shaped "
-                        "transformer, PAG at several depths; both = sd15 + demo; all = every one")
+                        "transformer, PAG at several depths; wan: a Wan-shaped video transformer, likewise; "
+                        "both = sd15 + demo; all = every one")
     p.add_argument("--steps", type=_positive_int, default=10)
     p.add_argument("--rounds", type=_positive_int, default=5)
     p.add_argument("--threads", type=_positive_int, default=1)
