@@ -24,6 +24,9 @@ def main() -> None:
     parser.add_argument("--table", default="9", help="the make_results table whose commands to run")
     parser.add_argument("--reverse", action="store_true",
                         help="last configuration first: a second process (one per core) meets the first midway")
+    parser.add_argument("--first", default="",
+                        help="comma-separated parts of configuration keys to make first, in that order "
+                             "(e.g. pag_s1_Lmid_,seg_s1_Lmid_)")
     args = parser.parse_args()
     import torch
     torch.set_num_threads(args.threads)
@@ -35,7 +38,11 @@ def main() -> None:
         out, configs = make_results._configs(command)
         sweep = Sweep(ROOT / out, configs, progress=False)
         jobs += [(sweep, config) for config in configs]
-    for sweep, config in reversed(jobs) if args.reverse else jobs:
+    jobs = jobs[::-1] if args.reverse else jobs
+    firsts = [part for part in args.first.split(",") if part]
+    rank = {id(c): next((i for i, part in enumerate(firsts) if part in c.key), len(firsts)) for _, c in jobs}
+    jobs.sort(key=lambda job: rank[id(job[1])])  # stable: the rest keep their order
+    for sweep, config in jobs:
         todo = [k for k in range(sweep.num_shards(config)) if not sweep.shard_path(config, k).is_file()]
         if sweep.result_path(config).is_file() or not todo:
             continue
