@@ -45,3 +45,23 @@ def split_rows(value, batch: int, sizes: list[int], shared: frozenset = frozense
     """The inverse of ``cat_rows``: the pieces of ``sizes`` rows each."""
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return [map_rows(value, batch, lambda v, a=a, n=n: v[a:a + n], shared) for a, n in zip(starts, sizes)]
+
+
+def replace_rows(value, replacement, spans: list[tuple[int, int]]):
+    """``value`` with rows ``a:b`` of each span taken from ``replacement`` (same structure), for every tensor of
+    the structure whose first dimension holds the rows; a ``None`` in either stays as it is in ``value``."""
+    if value is None or replacement is None:
+        return value
+    if torch.is_tensor(value):
+        pieces, pos = [], 0
+        for a, b in sorted(spans):
+            pieces += [value[pos:a], replacement[a:b]]
+            pos = b
+        return torch.cat(pieces + [value[pos:]])
+    if isinstance(value, dict):
+        return {k: replace_rows(v, replacement[k], spans) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(replace_rows(v, r, spans) for v, r in zip(value, replacement))
+    if hasattr(value, "to_tuple") and hasattr(value, "keys"):  # diffusers BaseOutput
+        return type(value)(**{k: replace_rows(value[k], replacement[k], spans) for k in value.keys()})
+    return value

@@ -122,7 +122,7 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     had_own_forward = "forward" in vars(model)  # e.g. accelerate's offload hooks
     original_forward = model.forward
     signature = inspect.signature(original_forward)
-    needs_scheduler = any(type(t).__name__ == "SAG" for t in terms)
+    needs_scheduler = any(t.needs_scheduler for t in terms)
     denoiser = GuidedDenoiser(model, terms, scheduler=pipe.scheduler if needs_scheduler else None,
                               guidance_rescale=guidance_rescale, forward=original_forward)
 

@@ -7,6 +7,10 @@ calls: for the rows of each ``Segment`` of ``router.plan`` that names the site, 
 ``Perturbation`` computes it from the processor's q, k, v and the site's token layout
 (from the family's backend); every other row gets the very SDPA call the model made.
 ``router.capture`` records, for SAG, the attention each key receives on chosen rows.
+
+A second patch kind acts on a whole module: ``SKIP`` (a ``SkipBlock``) at a *block* (one of the backend's
+``skip_blocks``) makes it return its input(s) on the segment's rows (SLG); the backend's ``skip_output``
+says which inputs those are. A block is patched and restored in the same place as a site (``routed``).
 On exit, even after an exception, every module is as it was.
 """
 from __future__ import annotations
@@ -21,15 +25,32 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .backends import Backend, ForwardInfo, Site, detect
-from .batch import map_rows
+from .batch import map_rows, replace_rows
 from .perturb import Perturbation, _additive
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+class SkipBlock:
+    """Patch kind: the block returns its input(s) on the segment's rows (``Backend.skip_output``)."""
+
+    level = "module"  # acts on the module's call; attention perturbations act at its SDPA call
+
+    def __repr__(self):
+        return "SKIP"
+
+
+SKIP = SkipBlock()
+
+
+def _attention_patch(patch) -> bool:
+    return getattr(patch, "level", "attention") == "attention"
+
+
 @dataclass
 class Segment:
-    """Rows ``start:stop`` of the batch get ``perturbations[site]`` at each site named there."""
+    """Rows ``start:stop`` of the batch get ``perturbations[site]`` at each site named there (or ``SKIP`` at a
+    block)."""
 
     start: int
     stop: int
@@ -59,8 +80,19 @@ class Router:
         """The image grid of site ``name`` in the current forward."""
         return self.backend.layout(self.sites[name], 0, self.info).grid if self.sites[name].kind == "self" else None
 
+    def run_module(self, name: str, forward, args, kwargs):
+        """One call of a routed module: a site's attention patches, then a block's ``SKIP`` rows."""
+        skips = sorted((s.start, s.stop) for s in self.plan
+                       if name in s.perturbations and not _attention_patch(s.perturbations[name]))
+        out = self.run_site(name, forward, args, kwargs) if name in self.sites else forward(*args, **kwargs)
+        if not skips:
+            return out
+        module = self.model.get_submodule(name)
+        return replace_rows(out, self.backend.skip_output(module, args, kwargs, out), skips)
+
     def run_site(self, name: str, forward, args, kwargs):
-        segments = sorted(((s.start, s.stop, s.perturbations[name]) for s in self.plan if name in s.perturbations),
+        segments = sorted(((s.start, s.stop, s.perturbations[name]) for s in self.plan
+                           if name in s.perturbations and _attention_patch(s.perturbations[name])),
                           key=lambda s: s[0])
         capture = self.capture.get(name)
         if not segments and capture is None:
@@ -198,10 +230,13 @@ class _AttentionSeam(TorchFunctionMode):
 
 @contextmanager
 def routed(model: nn.Module, site_names: list[str], backend: Backend | None = None) -> Iterator[Router]:
-    """Route the named sites of ``model`` through a Router; always restore on exit."""
+    """Route the named sites (and blocks, for ``SKIP``) of ``model`` through a Router; always restore on exit."""
     backend = backend or detect(model)
     sites = {s.name: s for s in backend.sites(model)}
     unknown = [n for n in site_names if n not in sites]
+    if unknown:
+        blocks = set(backend.skip_blocks(model) or ())
+        unknown = [n for n in unknown if n not in blocks]
     if unknown:
         raise ValueError(f"not perturbable sites of {type(model).__name__}: {unknown}")
     router = Router(model=model, backend=backend, sites=sites)
@@ -217,7 +252,7 @@ def routed(model: nn.Module, site_names: list[str], backend: Backend | None = No
             original = module.forward
 
             def forward(*args, __name=name, __original=original, **kwargs):
-                return router.run_site(__name, __original, args, kwargs)
+                return router.run_module(__name, __original, args, kwargs)
 
             forward._pagkit_routed = True
             module.forward = forward

@@ -137,6 +137,27 @@ class Backend:
         ``model_batch``: rows of the model's input batch, where the caller gave it."""
         return None
 
+    def skip_blocks(self, model: nn.Module) -> list[str] | None:
+        """The blocks a skip method (SLG) may make return their input, in forward order; None: none known.
+
+        The default: the stages that hold a site (a transformer family's blocks)."""
+        stages = self.stages(model)
+        if stages is None:
+            return None
+        names = [s.name for s in self.sites(model)]
+        return [st for st in stages if any(n == st or n.startswith(st + ".") for n in names)]
+
+    def skip_output(self, module: nn.Module, args: tuple, kwargs: dict, out):
+        """What block ``module`` returns when skipped: its input(s), in the structure of its real output ``out``.
+
+        The default covers a block that maps one tensor to one of the same shape; a family whose blocks return
+        several states (image and text) says which input each one is."""
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        if torch.is_tensor(out) and torch.is_tensor(x) and x.shape == out.shape:
+            return x
+        raise ValueError(f"pagkit cannot skip {type(module).__name__} blocks of the {self.name} family: it does not "
+                         "know which of their inputs each output is (Backend.skip_output)")
+
     def learned_sigma(self, model: nn.Module) -> bool:
         """Whether the output holds ε and a variance (2C channels, as DiT/ADM); only ε is guided."""
         config = getattr(model, "config", {})

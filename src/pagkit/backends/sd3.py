@@ -8,6 +8,8 @@ add ``attn2``, a plain image **self** site. Grid = input H×W ÷ patch size.
 """
 from __future__ import annotations
 
+import inspect
+
 from . import Backend, register
 from .unet import attention_site
 
@@ -30,3 +32,9 @@ class SD3Backend(Backend):
 
     def stages(self, model):
         return ["pos_embed"] + [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+
+    def skip_output(self, module, args, kwargs, out):
+        """A skipped joint block returns (encoder_hidden_states, hidden_states) as they came in, as diffusers'
+        ``skip_layers`` leaves both streams; the last block's text output stays None."""
+        bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+        return (None if out[0] is None else bound["encoder_hidden_states"], bound["hidden_states"])

@@ -6,6 +6,7 @@ The token grid of a site is the input's H×W divided by the samplers before it.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from diffusers.models.attention_processor import Attention
 
@@ -57,3 +58,23 @@ class UNetBackend(Backend):
         if getattr(model, "mid_block", None) is not None:
             names.append("mid_block")
         return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+
+    def skip_blocks(self, model):
+        """The attention blocks that hold the sites (``down_blocks.i.attentions.j``, ``mid_block.attentions.0``,
+        ``up_blocks.i.attentions.j``): a Transformer2DModel with its residual, or UNet2DModel's Attention block.
+        Down, mid and up blocks as a whole change resolution or take skip connections, so they are not skipped."""
+        out = []
+        for site in self.sites(model):
+            parts = site.name.split(".")
+            i = parts.index("attentions") if "attentions" in parts else None
+            if i is not None and i + 1 < len(parts):
+                out.append(".".join(parts[:i + 2]))
+        return list(dict.fromkeys(out))
+
+    def skip_output(self, module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        if torch.is_tensor(out):
+            return x
+        if isinstance(out, tuple):
+            return (x,) + tuple(out[1:])
+        return type(out)(sample=x)

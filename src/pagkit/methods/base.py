@@ -1,0 +1,186 @@
+"""What every guidance method is made of: a term (the dataclass users construct), its schedule, and the
+protocol by which the denoiser asks it for branches and for its contribution to ε̃.
+
+A term is configuration only. ``term.bind(key, context)`` resolves it against one model (its sites or
+blocks, its perturbation's RNG stream, the scheduler where it needs one) and returns a ``Bound`` method,
+which the denoiser asks, at each step where the term is active:
+
+* ``branches(scale)``: the extra rows it needs in the one batched forward, each a ``Branch``: which inputs the
+  rows read (``"cond"``/``"uncond"``) and the patches at sites or blocks (attention perturbations,
+  ``routing.SkipBlock``) routed onto those rows;
+* ``captures(branch_names)``: sites whose attention map it reads, and on which branch's rows;
+* ``contribution(scale, step)``: its term of ε̃ from the branch predictions (``Step``), possibly after extra
+  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's).
+
+The denoiser always runs the conditional branch ``"cond"``, and the unconditional branch ``"uncond"`` when a
+method with ``base = True`` (CFG) is active or the caller (a pipeline) does CFG itself. ε̃ is the base
+method's ``combine`` (or ε_c) plus the contributions, in the order of the terms.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+def _check_number(name: str, value, low: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+@dataclass
+class GuidanceTerm:
+    scale: float
+    start: float = field(default=0.0, kw_only=True)
+    """Fraction of the steps after which the term starts acting (0 = from the first step)."""
+    stop: float = field(default=1.0, kw_only=True)
+    """Fraction of the steps after which it stops (1 = until the last step)."""
+    scale_end: float | None = field(default=None, kw_only=True)
+    """If set, the scale moves linearly from ``scale`` at ``start`` to ``scale_end`` at ``stop``."""
+
+    neutral = 0.0  # the scale at which the term changes nothing
+    unique = False  # at most one term of this method per denoiser
+    needs_scheduler = False  # whether binding needs the sampler's scheduler (SAG: x̂₀ and re-noising)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        _check_number(f"{name} scale", self.scale)
+        if self.scale_end is not None:
+            _check_number(f"{name} scale_end", self.scale_end)
+        _check_number(f"{name} start", self.start)
+        _check_number(f"{name} stop", self.stop)
+        if not 0.0 <= self.start < self.stop <= 1.0:
+            raise ValueError(f"{name} interval must satisfy 0 <= start < stop <= 1, got start={self.start}, "
+                             f"stop={self.stop}")
+
+    def in_interval(self, progress: float) -> bool:
+        """Whether the step at ``progress`` = step index ÷ number of steps lies in [start, stop)."""
+        return self.start <= progress < self.stop
+
+    def scale_at(self, progress: float) -> float:
+        """The scale at ``progress`` = step index ÷ number of steps."""
+        if not self.in_interval(progress):
+            return self.neutral
+        if self.scale_end is None:
+            return float(self.scale)
+        f = (progress - self.start) / (self.stop - self.start)
+        return float(self.scale + (self.scale_end - self.scale) * f)
+
+    def active(self, progress: float) -> bool:
+        return self.scale_at(progress) != self.neutral
+
+    def bind(self, key: str, context: "Context") -> "Bound":
+        """This term resolved against one model; ``key`` names its branch(es)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how it guides (bind)")
+
+
+@dataclass
+class Branch:
+    """Rows of the batched forward: which inputs they read, and the patches routed onto them."""
+
+    name: str  # "uncond", "cond", or the key of a method's branch
+    conditioning: str  # which inputs it reads: "cond" or "uncond"
+    patches: dict[str, object] = field(default_factory=dict)  # site or block name → Perturbation | SkipBlock
+
+    @property
+    def perturbations(self) -> dict[str, object]:  # the name before block skips existed
+        return self.patches
+
+
+@dataclass
+class Context:
+    """What a method may read when it is bound: the model, its family's backend, the scheduler (or None)."""
+
+    model: torch.nn.Module
+    backend: object
+    scheduler: object = None
+
+
+@dataclass
+class Step:
+    """One guided prediction after the batched forward: what contributions are computed from."""
+
+    x: torch.Tensor
+    t: object
+    inputs: dict  # "cond" / "uncond" → the model inputs of that branch (uncond may be None)
+    eps: dict  # branch name → its prediction (ε part only, for learned-σ models)
+    captured: dict  # site → what routing recorded there (SAG's attention received, grid)
+    call: Callable  # call(x, t, inputs) → the model's prediction, unguided (for extra passes)
+
+    @property
+    def reference(self) -> str:
+        """The branch a condition-free method reads when it needs one: ∅ under CFG, else c."""
+        return "uncond" if "uncond" in self.eps else "cond"
+
+
+class Bound:
+    """A term bound to one model (see the module docstring)."""
+
+    base = False  # supplies the base of ε̃ from the unconditional and conditional branches (CFG)
+    order = 0  # 0: computed from the batched forward; 1: after it, with extra passes of its own
+
+    def __init__(self, term: GuidanceTerm, key: str):
+        self.term, self.key = term, key
+
+    def branches(self, scale: float) -> list[Branch]:
+        return []
+
+    def captures(self, branch_names: list[str]) -> dict[str, str]:
+        return {}
+
+    def contribution(self, scale: float, step: Step) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Contrast(Bound):
+    """One perturbed copy of the conditional branch; contributes s·(ε_c − ε_perturbed) (PAG, SEG, SLG)."""
+
+    def __init__(self, term: GuidanceTerm, key: str, patches: dict[str, object]):
+        super().__init__(term, key)
+        self.patches = patches
+
+    def branches(self, scale):
+        return [Branch(self.key, "cond", self.patches)]
+
+    def contribution(self, scale, step):
+        return scale * (step.eps["cond"] - step.eps[self.key])
+
+
+def check_guidance(guidance) -> list[GuidanceTerm]:
+    """Normalise the user's guidance argument to a list of terms, with clear errors."""
+    from . import METHODS
+    if guidance is None:
+        return []
+    if isinstance(guidance, GuidanceTerm):
+        guidance = [guidance]
+    terms = list(guidance)
+    for term in terms:
+        if not isinstance(term, GuidanceTerm):
+            names = ", ".join(cls.__name__ for cls in METHODS.values())
+            raise TypeError(f"guidance terms must be pagkit guidance terms ({names}), got {term!r}")
+    for cls in dict.fromkeys(type(t) for t in terms if t.unique):
+        if sum(type(t) is cls for t in terms) > 1:
+            raise ValueError(f"at most one {cls.__name__} term")
+    return terms
+
+
+def rescale_guidance(guided: torch.Tensor, reference: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, eq. 15-16): pull the guided std back towards the reference's."""
+    if guidance_rescale == 0.0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (reference.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def combine(predictions: dict[str, torch.Tensor], scales: dict[str, float], cfg_scale: float | None) -> torch.Tensor:
+    """ε̃ = [ε_u + w(ε_c − ε_u) | ε_c] + Σ_k s_k(ε_c − ε̂_k), for contrast branches named as in ``scales``."""
+    cond = predictions["cond"]
+    out = cond if cfg_scale is None else predictions["uncond"] + cfg_scale * (cond - predictions["uncond"])
+    for name, s in scales.items():
+        out = out + s * (cond - predictions[name])
+    return out
