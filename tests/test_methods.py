@@ -199,3 +199,40 @@ def test_slg_in_sd3_pipeline_equals_its_skip_guidance_layers(transformer, layers
     assert all("forward" not in vars(m) for m in pipe.transformer.modules())
     assert (reference - plain).abs().max() > 1e-3  # the comparison is not vacuous
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+
+
+def test_eval_reads_terms_from_the_methods_and_keeps_every_existing_key():
+    from pagkit.evaluate import EvalConfig, expand
+    inf = float("inf")
+    rows = [
+        (EvalConfig("fmnist", "none"), [], "fmnist_none_ddim20_n2000_seed0"),
+        (EvalConfig("fmnist", "pag", scale=0.5, layers=("down.2",)),
+         [pagkit.PAG(0.5, layers=["down.2"])], "fmnist_pag_s0.5_Ldown.2_ddim20_n2000_seed0"),
+        (EvalConfig("fmnist", "pag", scale=2, layers=("mid",), perturbation="mask", start=0.0, stop=0.5),
+         [pagkit.PAG(2, layers=["mid"], perturbation="mask", stop=0.5)],
+         "fmnist_pag_s2_Lmid_mask_t0-0.5_ddim20_n2000_seed0"),
+        (EvalConfig("fmnist", "seg", scale=1, layers=("mid",), sigma=inf),
+         [pagkit.SEG(1, sigma=inf, layers=["mid"])], "fmnist_seg_s1_Lmid_sigmainf_ddim20_n2000_seed0"),
+        (EvalConfig("fmnist", "sag", scale=0.75, layers=("mid",), seed_set=1),
+         [pagkit.SAG(0.75, layer="mid")], "fmnist_sag_s0.75_Lmid_ddim20_n2000_seed1"),
+        (EvalConfig("fmnist-cond", "cfg", cfg_scale=1.5, start=0.0, stop=0.5),
+         [pagkit.CFG(1.5, stop=0.5)], "fmnist-cond_cfg_w1.5_t0-0.5_ddim20_n2000_seed0"),
+        (EvalConfig("fmnist-cond", "cfg+pag", cfg_scale=1.5, scale=0.5, layers=("down.2",), stop=0.5),
+         [pagkit.CFG(1.5), pagkit.PAG(0.5, layers=["down.2"], stop=0.5)],
+         "fmnist-cond_cfg+pag_w1.5_s0.5_Ldown.2_t0-0.5_ddim20_n2000_seed0"),
+        (EvalConfig("fmnist", "slg", scale=1, layers=("mid",)),
+         [pagkit.SLG(1, layers=["mid"], start=0.0, stop=1.0)], "fmnist_slg_s1_Lmid_ddim20_n2000_seed0"),
+        (EvalConfig("fmnist-cond", "cfg+slg", cfg_scale=1.5, scale=1, layers=("down.1",)),
+         [pagkit.CFG(1.5), pagkit.SLG(1, layers=["down.1"], start=0.0, stop=1.0)],
+         "fmnist-cond_cfg+slg_w1.5_s1_Ldown.1_ddim20_n2000_seed0"),
+    ]
+    for config, terms, key in rows:
+        assert config.terms() == terms, config.method
+        assert config.key == key
+    sweep = expand("fmnist", ["none", "slg", "cfg+slg"], scales=(1.0, 2.0), cfg_scales=(1.5,),
+                   layer_sets=(("mid",), ("down.1",)))
+    assert [c.key for c in sweep][:3] == ["fmnist_none_ddim20_n2000_seed0", "fmnist_slg_s1_Lmid_ddim20_n2000_seed0",
+                                          "fmnist_slg_s1_Ldown.1_ddim20_n2000_seed0"]
+    assert len(sweep) == 1 + 4 + 4
+    with pytest.raises(ValueError, match="unknown method 'cfg\\+seg'"):
+        EvalConfig("fmnist", "cfg+seg").terms()

@@ -369,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="resumable metric sweeps (FD, KID, IS, precision/recall); torchrun-ready")
     p.add_argument("--model", default=DEFAULT_UNCOND, help="shipped model name or diffusers folder")
     p.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",")], default=["none", "pag"],
-                   help="comma-separated: none, pag, seg, sag, cfg, cfg+pag")
-    p.add_argument("--scales", type=_floats, default=[3.0], help="PAG s / SEG γ / SAG s values")
+                   help="comma-separated: none, pag, seg, sag, slg, cfg, cfg+pag, cfg+slg (slg: --layers are "
+                        "block selections; its interval is open at both ends, as diffusers' SD3 pipeline)")
+    p.add_argument("--scales", type=_floats, default=[3.0], help="PAG s / SEG γ / SAG s / SLG s values")
     p.add_argument("--cfg-scales", type=_floats, default=[3.0], help="CFG w values")
     p.add_argument("--layers", default=",".join(DEFAULT_PAG_LAYERS),
                    help="layer sets: ';' between sets, ',' within a set (e.g. 'down.1;mid;down.2,mid')")

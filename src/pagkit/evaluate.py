@@ -22,6 +22,7 @@ how many processes made them.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import re
@@ -32,8 +33,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import guidance as G
+from . import guidance as G  # noqa: F401  (kept for callers that reach pagkit.evaluate.G)
 from . import io
+from .methods import METHODS
 
 NULL_CLASS = 10
 
@@ -43,8 +45,8 @@ class EvalConfig:
     """One row of a results table: everything that produced its samples."""
 
     model: str
-    method: str  # none | pag | seg | sag | cfg | cfg+pag
-    scale: float = 0.0  # PAG s / SEG γ / SAG s (the paper's conventions)
+    method: str  # none | pag | seg | sag | slg | cfg | cfg+pag | cfg+slg
+    scale: float = 0.0  # PAG s / SEG γ / SAG s / SLG s (the papers' conventions)
     cfg_scale: float = 1.0  # CFG w (1 = off)
     layers: tuple[str, ...] = ()
     perturbation: str = "identity"
@@ -78,22 +80,32 @@ class EvalConfig:
         return re.sub(r"[^A-Za-z0-9.+_-]", "_", "_".join(parts))
 
     def terms(self) -> list:
-        interval = dict(start=self.start, stop=self.stop)
-        layers = list(self.layers) or ["mid"]
+        """The guidance terms of this row, read off the methods themselves (``pagkit.methods.METHODS``).
+
+        Each term takes the row's value of every field it has (``layers``, SAG's one ``layer``, PAG's
+        ``perturbation``, SEG's ``sigma``); CFG's scale is ``cfg_scale``, every other term's ``scale``; the
+        interval goes to the guided term (to CFG only when it is alone).
+        """
         if self.method == "none":
             return []
-        if self.method == "pag":
-            return [G.PAG(self.scale, layers=layers, perturbation=self.perturbation, **interval)]
-        if self.method == "seg":
-            return [G.SEG(self.scale, sigma=self.sigma, layers=layers, **interval)]
-        if self.method == "sag":
-            return [G.SAG(self.scale, layer=layers[0], **interval)]
-        if self.method == "cfg":
-            return [G.CFG(self.cfg_scale, **interval)]
-        if self.method == "cfg+pag":
-            return [G.CFG(self.cfg_scale), G.PAG(self.scale, layers=layers, perturbation=self.perturbation,
-                                                 **interval)]
-        raise ValueError(f"unknown method {self.method!r}; choose one of none, pag, seg, sag, cfg, cfg+pag")
+        if self.method not in EVAL_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(EVAL_METHODS)}")
+        layers = list(self.layers) or ["mid"]
+        values = {"layers": layers, "layer": layers[0], "perturbation": self.perturbation, "sigma": self.sigma}
+        names = self.method.split("+")
+        out = []
+        for name in names:
+            cls = METHODS[name]
+            fields = {f.name for f in dataclasses.fields(cls)}
+            options = {k: v for k, v in values.items() if k in fields}
+            if name != "cfg" or len(names) == 1:
+                options.update(start=self.start, stop=self.stop)
+            out.append(cls(self.cfg_scale if name == "cfg" else self.scale, **options))
+        return out
+
+
+# the methods a sweep row can name: none, each method alone, and CFG with the methods whose keys stay complete
+EVAL_METHODS = ("none", *METHODS, "cfg+pag", "cfg+slg")
 
 
 def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), layer_sets=(("mid",),),
@@ -133,8 +145,12 @@ def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), 
                 configs += [replace(b, method=method, cfg_scale=w, scale=s, layers=tuple(L), perturbation=p,
                                     start=i[0], stop=i[1])
                             for w in ws for s in scales for L in layer_sets for p in perturbations for i in intervals]
+            elif method in ("slg", "cfg+slg"):
+                ws = cfg_scales if method == "cfg+slg" else (1.0,)
+                configs += [replace(b, method=method, cfg_scale=w, scale=s, layers=tuple(L), start=i[0], stop=i[1])
+                            for w in ws for s in scales for L in layer_sets for i in intervals]
             else:
-                raise ValueError(f"unknown method {method!r}; choose from none, pag, seg, sag, cfg, cfg+pag")
+                raise ValueError(f"unknown method {method!r}; choose from {', '.join(EVAL_METHODS)}")
     return list(dict.fromkeys(configs))  # scale-0 duplicates etc. collapse
 
 
