@@ -291,3 +291,27 @@ def hidream_inputs(batch=2, seed=1, h=8, w=8, text=3, native=True):
             dict(encoder_hidden_states_t5=torch.randn(batch, text + 1, 8, generator=g),
                  encoder_hidden_states_llama3=llama if native else llama.transpose(0, 1),
                  pooled_embeds=torch.randn(batch, 8, generator=g)))
+
+
+def zimage(seed=0):
+    """Z-Image-shaped: two image-only refiner blocks, one caption-only refiner block, two single-stream blocks."""
+    from diffusers import ZImageTransformer2DModel
+    torch.manual_seed(seed)
+    return ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+                                    n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=8,
+                                    axes_dims=[4, 6, 6], axes_lens=[256, 32, 32]).eval()
+
+
+def zimage_inputs(batch=2, seed=1, h=8, w=12, text=(5, 37), native=False):
+    """Latents (B, C, 1, H, W) and captions of ``text`` tokens (cycled over the batch: 5 and 37 pad to 32 and 64
+    tokens, so the single-stream rows differ in length and are masked); 24 image tokens pad to 32.
+    ``native``: x and cap_feats as the model takes them (lists); else as pagkit holds them (stacked, padded)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [text[i % len(text)] for i in range(batch)] if isinstance(text, (tuple, list)) else [text] * batch
+    x = torch.randn(batch, 4, 1, h, w, generator=g)
+    caps = [torch.randn(n, 8, generator=g) for n in lengths]
+    t = torch.tensor([0.5] * batch)
+    if native:
+        return list(x.unbind(0)), t, dict(cap_feats=caps)
+    from pagkit.backends.zimage import ZImageBackend
+    return x, t, ZImageBackend().per_sample_inputs(None, x, dict(cap_feats=caps))

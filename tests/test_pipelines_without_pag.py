@@ -277,3 +277,139 @@ def test_qwenimage_true_cfg_adds_pag_to_the_conditional_call_only():
     finally:
         del model.forward
     assert batches == [(2, False), (1, True)] * STEPS
+
+
+def _hidream(guidance_scale):
+    """HiDreamImagePipeline without its four text encoders: the T5, Llama (layers, batch, tokens, dim) and pooled
+    embeddings are given. default_sample_size = 8 keeps its resize to a 64×64 image (8×8 latents, 4×4 tokens)."""
+    from diffusers import HiDreamImagePipeline
+
+    pipe = HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                tokenizer_3=None, text_encoder_4=None, tokenizer_4=None, transformer=models.hidream())
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(height=64, width=64, num_inference_steps=STEPS, output_type="latent", guidance_scale=guidance_scale)
+    for prefix in ("", "negative_"):
+        kwargs.update({f"{prefix}prompt_embeds_t5": torch.randn(1, 4, 8, generator=g),
+                       f"{prefix}prompt_embeds_llama3": torch.randn(2, 1, 3, 4, generator=g),
+                       f"{prefix}pooled_prompt_embeds": torch.randn(1, 8, generator=g)})
+    return pipe, kwargs
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_hidream_pipeline_neutral_scale_is_plain_and_pag_equals_the_hand_reference(guidance_scale):
+    """HiDream's model takes ``timesteps=`` (the backend's timestep_name) and batches CFG's halves on axis 1 of its
+    Llama states; the pipeline negates the model's output, which the hand reference's Δ goes through linearly."""
+    pipe, kwargs = _hidream(guidance_scale)
+    layers = ["double_stream_blocks.0.block.attn1", "single_stream_blocks.1.block.attn1"]
+    w = guidance_scale if guidance_scale > 1 else None
+    plain = _run(pipe, kwargs)
+    assert plain.shape == (1, 4, 8, 8)
+    neutral = _run(pipe, kwargs, pagkit.PAG(0.0, layers=layers))
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers=layers))
+    expected = _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, layers, 2.0, STEPS, batched_cfg=w))
+    assert torch.equal(neutral, plain)
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+    assert (plain - expected).abs().max() > 1e-3
+
+
+def test_hidream_guide_takes_the_models_own_argument_names():
+    """``guide(model)`` is called with ``timesteps=`` and the native (layers, batch, tokens, dim) Llama states; an
+    ``uncond`` that replaces only some inputs keeps the others (not re-transposed)."""
+    model = models.hidream()
+    x, t, native = models.hidream_inputs(batch=2)
+    plain = model(hidden_states=x, timesteps=t, **native, return_dict=False)[0]
+    neutral = pagkit.guide(model, [pagkit.PAG(0.0, layers="single_stream_blocks.0.block.attn1")])
+    assert torch.equal(neutral(hidden_states=x, timesteps=t, **native, return_dict=False)[0], plain)
+    negative = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(5))
+    layer = "single_stream_blocks.0.block.attn1"
+    guided = pagkit.guide(model, [pagkit.CFG(3.0), pagkit.PAG(2.0, layers=layer)],
+                          uncond={"encoder_hidden_states_t5": negative})
+    out = guided(hidden_states=x, timesteps=t, **native, progress=0.0).sample
+    eps_u = model(hidden_states=x, timesteps=t, **{**native, "encoder_hidden_states_t5": negative},
+                  return_dict=False)[0]
+    backend = detect(model)
+    with routed(model, [layer], backend) as router:
+        router.info = backend.forward_info(model, x, native)
+        router.plan = [Segment(0, 2, {layer: Identity()})]
+        eps_p = model(hidden_states=x, timesteps=t, **native, return_dict=False)[0]
+    torch.testing.assert_close(out, eps_u + 3.0 * (plain - eps_u) + 2.0 * (plain - eps_p), rtol=0, atol=1e-5)
+
+
+class _HandZImage:
+    """ZImagePipeline's transformer forward with PAG(scale, layers) by hand: the pipeline calls it with lists,
+    [c; ∅] when it guides, and forms ε_c + w(ε_c − ε_u), so the conditional rows get ε_c + Δ/(1 + w)."""
+
+    def __init__(self, model, layers, scale, steps, guidance_scale, start=0.0):
+        self.model, self.scale, self.steps, self.w, self.start = model, scale, steps, guidance_scale, start
+        self.names = pagkit.resolve_layers(model, layers)
+        self.forward = type(model).forward.__get__(model)
+        self.step = 0
+
+    def __call__(self, x, t, cap_feats, **kwargs):
+        kwargs["return_dict"] = False
+        eps = self.forward(x, t, cap_feats, **kwargs)[0]
+        progress, self.step = self.step / self.steps, self.step + 1
+        if progress < self.start:
+            return (eps,)
+        b = len(x) // 2 if self.w > 0 else len(x)
+        backend = detect(self.model)
+        with routed(self.model, self.names, backend) as router:
+            router.info = backend.forward_info(self.model, torch.stack(x[:b]), {})
+            router.plan = [Segment(0, b, {n: Identity() for n in self.names})]
+            perturbed = self.forward(x[:b], t[:b], cap_feats[:b], **kwargs)[0]
+        cond = [e + self.scale * (e - p) / (1.0 + self.w) for e, p in zip(eps[:b], perturbed)]
+        return (cond + list(eps[b:]),)
+
+
+def _zimage(guidance_scale):
+    """ZImagePipeline without text encoder or VAE: 64×96 → 8×12 latents, 4×6 image tokens (padded to 32); the
+    prompt has 5 caption tokens, the negative prompt 37 (padded to 32 and 64: the CFG batch's rows are masked)."""
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline(scheduler=_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                          transformer=models.zimage())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt_embeds=[torch.randn(5, 8, generator=g)], negative_prompt_embeds=[torch.randn(37, 8, generator=g)],
+                  height=64, width=96, num_inference_steps=STEPS, output_type="latent", guidance_scale=guidance_scale)
+    return pipe, kwargs
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, 0.0])
+def test_zimage_pipeline_neutral_scale_is_plain_and_pag_equals_the_hand_reference(guidance_scale):
+    """ZImagePipeline calls its transformer with lists of latents and captions, ``t`` = (1000 − T)/1000, and CFG
+    as [c; ∅] with ε_c + w(ε_c − ε_u) whenever w > 0."""
+    pipe, kwargs = _zimage(guidance_scale)
+    layers = ["noise_refiner.1.attention", "layers.1.attention"]
+    plain = _run(pipe, kwargs)
+    assert plain.shape == (1, 4, 8, 12)
+    neutral = _run(pipe, kwargs, pagkit.PAG(0.0, layers=layers))
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers=layers))
+    expected = _run(pipe, kwargs, hand=_HandZImage(pipe.transformer, layers, 2.0, STEPS, guidance_scale))
+    assert torch.equal(neutral, plain)
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+    assert (plain - expected).abs().max() > 1e-3
+
+
+def test_zimage_pipeline_intervals_follow_its_steps():
+    """Z-Image's t = (1000 − T)/1000 maps back to the scheduler's T (Backend.scheduler_timestep): with start=0.5
+    of 4 steps the first two steps are the plain pipeline's exactly."""
+    pipe, kwargs = _zimage(3.0)
+    kwargs["num_inference_steps"] = 4
+
+    def recorder(into):
+        def callback(pipe, i, t, tensors):
+            into.append(tensors["latents"].clone())
+            return tensors
+        return callback
+    plain, attached, expected = [], [], []
+    _run(pipe, kwargs, callback=recorder(plain))
+    _run(pipe, kwargs, pagkit.PAG(2.0, layers="layers.1.attention", start=0.5), callback=recorder(attached))
+    _run(pipe, kwargs, hand=_HandZImage(pipe.transformer, "layers.1.attention", 2.0, 4, 3.0, start=0.5),
+         callback=recorder(expected))
+    for a, e in zip(attached, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-4)
+    assert [torch.equal(a, p) for a, p in zip(attached, plain)] == [True, True, False, False]

@@ -168,14 +168,13 @@ class GuidedModel(torch.nn.Module):
         inputs = dict(bound.arguments)
         inputs.update(inputs.pop(self._var_keyword, None) or {})
         inputs.pop("return_dict", None)
-        x, timestep = inputs.pop(self._input_name), inputs.pop("timestep")
-        inputs = self.denoiser.backend.per_sample_inputs(self.model, x, inputs)
+        backend = self.denoiser.backend
+        x, timestep = backend.input_batch(self.model, inputs.pop(self._input_name)), inputs.pop(backend.timestep_name)
+        raw, inputs = inputs, backend.per_sample_inputs(self.model, x, inputs)
         if progress is None:  # without a step index, read progress off the timestep: t = T → 0, t = 0 → 1
-            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            progress = 1.0 - t * self.denoiser.backend.timestep_divisor / self.num_train_timesteps
-        uncond = None if self.uncond is None else \
-            self.denoiser.backend.per_sample_inputs(self.model, x, {**inputs, **self.uncond})
-        out = self.denoiser.predict(x, timestep, inputs, uncond, progress)
+            progress = 1.0 - backend.scheduler_timestep(timestep) / self.num_train_timesteps
+        uncond = None if self.uncond is None else backend.per_sample_inputs(self.model, x, {**raw, **self.uncond})
+        out = backend.caller_output(self.model, self.denoiser.predict(x, timestep, inputs, uncond, progress))
         if not return_dict:
             return (out,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput

@@ -26,7 +26,10 @@ from .guidance import CFG, check_guidance
 
 
 # Pipelines whose CFG batch puts the conditional half first (diffusers' DiT); all others put ∅ first.
-_COND_FIRST = ("DiTPipeline",)
+_COND_FIRST = ("DiTPipeline", "ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline",
+               "ZImageControlNetPipeline", "ZImageControlNetInpaintPipeline")
+# Pipelines whose CFG is ε_c + w(ε_c − ε_u) (Z-Image): diffusers' ε_u + w(ε_c − ε_u) at scale w + 1.
+_CFG_PLUS_ONE = _COND_FIRST[1:]
 
 
 def _pipeline_cfg_scale(pipe, call_args: dict) -> float | None:
@@ -40,7 +43,8 @@ def _pipeline_cfg_scale(pipe, call_args: dict) -> float | None:
     """
     try:
         doing_cfg = bool(pipe.do_classifier_free_guidance)
-        return float(pipe.guidance_scale) if doing_cfg else None
+        plus = 1.0 if type(pipe).__name__ in _CFG_PLUS_ONE else 0.0
+        return float(pipe.guidance_scale) + plus if doing_cfg else None
     except AttributeError:
         if "true_cfg_scale" in call_args:
             return None
@@ -132,9 +136,9 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         inputs.update(inputs.pop("kwargs", {}) or {})
         return_dict = inputs.pop("return_dict", True)
         first = next(iter(signature.parameters))  # "sample" (UNets) or "hidden_states" (transformers)
-        x, t = inputs.pop(first), inputs.pop("timestep")
+        x, t = denoiser.backend.input_batch(model, inputs.pop(first)), inputs.pop(denoiser.backend.timestep_name)
         inputs = denoiser.backend.per_sample_inputs(model, x, inputs)
-        progress = _progress(pipe, t, denoiser.backend.timestep_divisor)
+        progress = _progress(pipe, denoiser.backend.scheduler_timestep(t))
         w = _pipeline_cfg_scale(pipe, call_args)
         w_separate = _separate_cfg_scale(call_args)
         if w_separate is None and w is not None and context.get("name") in ("cond", "uncond"):
@@ -161,6 +165,7 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
                 out = denoiser.predict(x[half:], t_b, inputs_b, inputs_a, progress, external_cfg=w)
         else:
             out = denoiser.predict(x, t, inputs, None, progress)
+        out = denoiser.backend.caller_output(model, out)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
     cond_first = type(pipe).__name__ in _COND_FIRST

@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers.models import attention_processor
 from diffusers.models.transformers import (transformer_cogview4, transformer_flux, transformer_flux2,
-                                           transformer_hidream_image, transformer_lumina2, transformer_qwenimage)
+                                           transformer_hidream_image, transformer_lumina2, transformer_qwenimage,
+                                           transformer_z_image)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
@@ -32,24 +33,26 @@ FAMILIES = {
     "lumina2": (models.lumina2, models.lumina2_inputs),
     "flux2": (models.flux2, models.flux2_inputs),
     "hidream": (models.hidream, lambda **kw: models.hidream_inputs(**kw, native=False)),
+    "zimage": (models.zimage, models.zimage_inputs),
 }
 
 # modules whose processors call diffusers' dispatch_attention_fn by the name they imported
-DISPATCH_MODULES = (transformer_flux, transformer_flux2, transformer_qwenimage)
+DISPATCH_MODULES = (transformer_flux, transformer_flux2, transformer_qwenimage, transformer_z_image)
 # modules whose processors call torch.nn.functional's SDPA through their own name F
 F_MODULES = (attention_processor, transformer_cogview4, transformer_lumina2, transformer_hidream_image)
 
 # per family: the kinds of its sites, and modules that hold attention but must not be sites
 KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"},
          "auraflow": {"joint", "single"}, "cogview4": {"joint"},
-         "lumina2": {"self", "single"}, "flux2": {"joint", "single"}, "hidream": {"joint", "single"}}
-NOT_SITES = {"lumina2": ["context_refiner.0.attn"]}
+         "lumina2": {"self", "single"}, "flux2": {"joint", "single"}, "hidream": {"joint", "single"},
+         "zimage": {"self", "single"}}
+NOT_SITES = {"lumina2": ["context_refiner.0.attn"], "zimage": ["context_refiner.0.attention", "context_refiner.1.attention"]}
 # per family: whether the image tokens come first in its joint/single-stream sequences (read off the processors)
 IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "chroma": False, "auraflow": False,
-               "cogview4": False, "lumina2": False, "flux2": False, "hidream": True}
+               "cogview4": False, "lumina2": False, "flux2": False, "hidream": True, "zimage": True}
 # per family: the image grid its backend reads off the inputs of tests/models.py (in the units sites divide by)
 GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12), "lumina2": (8, 12),
-         "flux2": (4, 6), "hidream": (4, 4)}
+         "flux2": (4, 6), "hidream": (4, 4), "zimage": (4, 6)}
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -134,8 +137,12 @@ class _Reference:
 def _image_of(model, x):
     sites = {s.name: s for s in pagkit.layers(model)}
     backend_sites = {s.name: s for s in GuidedDenoiser(model, []).backend.sites(model)}
-    n = (x.shape[-2] // model.config.patch_size) * (x.shape[-1] // model.config.patch_size) if x.ndim == 4 \
-        else x.shape[1]
+    if x.ndim == 5:  # Z-Image: (B, C, F, H, W), patch p (frames unpatched); its pad tokens are not image tokens
+        p = model.config["all_patch_size"][0]
+        n = x.shape[2] * (x.shape[-2] // p) * (x.shape[-1] // p)
+    else:
+        n = (x.shape[-2] // model.config.patch_size) * (x.shape[-1] // model.config.patch_size) if x.ndim == 4 \
+            else x.shape[1]
 
     def image_of(name, seq_len):
         assert name in sites
@@ -325,3 +332,62 @@ def test_hidream_native_llama_states_and_a_non_square_padded_image_stream():
     assert torch.equal(GuidedDenoiser(model, [pagkit.PAG(0.0, layers=names)]).predict(x, t, cond), plain)
     guided = GuidedDenoiser(model, [pagkit.PAG(2.0, layers=names)]).predict(x, t, cond)
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
+
+
+def test_zimage_batched_cfg_with_captions_of_other_lengths_equals_the_branches_run_separately():
+    """Z-Image's single-stream rows are [image; caption padded to 32]: the image is at [0, n) whatever the caption's
+    length, so a negative caption of another length (37 → 64 tokens against 5 → 32) still has one layout."""
+    model = models.zimage()
+    x, t, cond = models.zimage_inputs(text=5)
+    _, _, uncond = models.zimage_inputs(seed=2, text=37)
+    last = pagkit.layers(model)[-1].name
+    terms = [pagkit.CFG(3.0), pagkit.PAG(2.0, layers=[last, "noise_refiner.1.attention"]),
+             pagkit.SEG(1.5, layers=last)]
+    backend = GuidedDenoiser(model, []).backend
+
+    def run(inputs, p=None, names=()):
+        with routed(model, list(names)) as router:
+            router.info = backend.forward_info(model, x, inputs)
+            router.plan = [Segment(0, x.shape[0], {n: p for n in names})] if p else []
+            return _forward(model, x, t, inputs)
+    eps_c, eps_u = run(cond), run(uncond)
+    separate = (eps_u + 3.0 * (eps_c - eps_u)
+                + 2.0 * (eps_c - run(cond, Identity(), [last, "noise_refiner.1.attention"]))
+                + 1.5 * (eps_c - run(cond, Uniform(), [last])))
+    for sharing in (True, False):
+        batched = GuidedDenoiser(model, terms, prefix_sharing=sharing).predict(x, t, cond, uncond)
+        torch.testing.assert_close(batched, separate, rtol=0, atol=1e-5)
+
+
+def test_zimage_guide_takes_and_returns_the_models_own_lists():
+    """``guide(model)`` is called as ZImageTransformer2DModel is: x and cap_feats as lists (captions of varying
+    lengths), the timestep as ``t``; it returns the model's list. Neutral = the model; CFG + PAG = by hand."""
+    model = models.zimage()
+    xs, t, native = models.zimage_inputs(batch=2, native=True)
+    _, _, negative = models.zimage_inputs(batch=2, seed=2, text=(9, 3), native=True)
+    plain = model(xs, t, native["cap_feats"], return_dict=False)[0]
+    neutral = pagkit.guide(model, [pagkit.PAG(0.0, layers="layers.0.attention")])
+    out = neutral(xs, t=t, cap_feats=native["cap_feats"], return_dict=False)[0]
+    assert isinstance(out, list) and all(torch.equal(a, b) for a, b in zip(out, plain))
+    guided = pagkit.guide(model, [pagkit.CFG(2.0), pagkit.PAG(1.5, layers="layers.0.attention")], uncond=negative)
+    out = guided(x=xs, t=t, cap_feats=native["cap_feats"], progress=0.0).sample
+    x, _, cond = models.zimage_inputs(batch=2)
+    _, _, uncond = models.zimage_inputs(batch=2, seed=2, text=(9, 3))
+    backend = GuidedDenoiser(model, []).backend
+    eps_c, eps_u = _forward(model, x, t, cond), _forward(model, x, t, uncond)
+    with routed(model, ["layers.0.attention"]) as router:
+        router.info = backend.forward_info(model, x, cond)
+        router.plan = [Segment(0, 2, {"layers.0.attention": Identity()})]
+        eps_p = _forward(model, x, t, cond)
+    expected = eps_u + 2.0 * (eps_c - eps_u) + 1.5 * (eps_c - eps_p)
+    torch.testing.assert_close(torch.stack(out), expected, rtol=0, atol=1e-5)
+
+
+def test_zimage_timestep_and_stacking_errors():
+    model = models.zimage()
+    backend = GuidedDenoiser(model, []).backend
+    assert backend.timestep_name == "t" and backend.scheduler_timestep(torch.tensor([0.25, 0.25])) == 750.0
+    with pytest.raises(ValueError, match="one latent size"):
+        backend.input_batch(model, [torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 12)])
+    with pytest.raises(ValueError, match="omni"):
+        backend.input_batch(model, [[torch.zeros(4, 1, 8, 8)]])

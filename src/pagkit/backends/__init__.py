@@ -72,6 +72,7 @@ class Backend:
     name = "base"
     model_classes: tuple[str, ...] = ()
     input_name = "hidden_states"  # the model's first argument
+    timestep_name = "timestep"  # the model's timestep argument (HiDream: ``timesteps``, Z-Image: ``t``)
     shared_inputs: frozenset = frozenset()  # model/stage inputs that are NOT per sample
     timestep_divisor = 1.0  # what its diffusers pipelines divide the scheduler's timestep by
     tested_against = ""  # for the README's family table
@@ -129,6 +130,20 @@ class Backend:
         """The inputs of a call as its caller (a pipeline) gave them, with one row per sample of ``x``: a family
         whose call convention folds frames into an input's rows unfolds it here, and its ``call`` folds it back."""
         return kwargs
+
+    def input_batch(self, model: nn.Module, x) -> torch.Tensor:
+        """The caller's model input ``x`` as one (B, …) tensor: a family whose model takes a list of samples
+        (Z-Image) stacks it here, its ``call`` unbinds it, and ``caller_output`` gives a caller the model's form."""
+        return x
+
+    def caller_output(self, model: nn.Module, out: torch.Tensor):
+        """The batch tensor ``call`` returned, as the model itself returns its sample (the inverse of
+        ``input_batch``)."""
+        return out
+
+    def scheduler_timestep(self, t) -> float:
+        """The scheduler's timestep of a model call whose timestep argument is ``t`` (its first entry)."""
+        return (float(t.flatten()[0]) if torch.is_tensor(t) else float(t)) * self.timestep_divisor
 
     def attention_rows(self, site: Site, call: int, attention_batch: int, model_batch: int | None):
         """The model-batch row of each row of the ``call``-th attention call (from 0) of ``site`` during one call
@@ -206,5 +221,5 @@ def detect(model: nn.Module) -> Backend:
 
 # the families, most specific first
 from . import (unet, sd3, flux, flux2, chroma, qwenimage, auraflow, cogview4, lumina2,  # noqa: E402,F401
-               wan, cogvideox, hunyuan_video, ltx, mochi, sana, hidream, transformer2d, generic)
+               wan, cogvideox, hunyuan_video, ltx, mochi, sana, hidream, zimage, transformer2d, generic)
 from . import animatediff  # noqa: E402,F401

@@ -29,6 +29,7 @@ _LLAMA = "encoder_hidden_states_llama3"
 class HiDreamBackend(Backend):
     name = "hidream"
     model_classes = ("HiDreamImageTransformer2DModel",)
+    timestep_name = "timesteps"
     tested_against = "a reference joint/single-stream forward with an explicit mask"
 
     def sites(self, model):
