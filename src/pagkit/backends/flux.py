@@ -31,7 +31,9 @@ class FluxBackend(Backend):
                    for i, b in enumerate(model.single_transformer_blocks)])
 
     def stages(self, model):
-        return ([f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+        # the embedders read only per-sample inputs (pos_embed reads the shared ids: not a stage)
+        embedders = [n for n in ("x_embedder", "context_embedder", "time_text_embed") if hasattr(model, n)]
+        return (embedders + [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
                 + [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))])
 
     def forward_info(self, model, x, kwargs):
