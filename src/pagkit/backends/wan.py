@@ -32,7 +32,9 @@ class WanBackend(Backend):
                 for i, b in enumerate(model.blocks)]
 
     def stages(self, model):
-        return [f"blocks.{i}" for i in range(len(model.blocks))]
+        # the patch embedding reads only the per-sample latents (the condition embedder can take a flattened
+        # batch × tokens timestep in Wan 2.2, so it is left to run on every row)
+        return ["patch_embedding"] + [f"blocks.{i}" for i in range(len(model.blocks))]
 
     def forward_info(self, model, x, kwargs):
         if x.ndim != 5:
