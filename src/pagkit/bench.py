@@ -248,3 +248,12 @@ def report(title: str, results: dict[str, Result], baselines: list[str], limits:
                       f"{limits[name]:.2f}" if name in limits else ""]
         lines.append(f"| {name} | {res.median:.3f} | {' | '.join(cells)} | {max(res.memory_rise) / 2**20:.0f} |")
     return "\n".join(lines)
+
+
+# pagkit bench --model flux|wan: (what the header says, the table's title, the configurations)
+DEPTH_BENCHES = {
+    "flux": (f"Flux-shaped FluxTransformer2DModel {FLUX_SHAPE}, 32x32 packed latents, 64 text tokens",
+             "Flux-shaped transformer, PAG on one block at depth d of n", flux_configs),
+    "wan": (f"Wan-shaped WanTransformer3DModel {WAN_SHAPE}, latents {'x'.join(map(str, WAN_LATENT))} (F x H x W), "
+            "32 text tokens", "Wan-shaped video transformer, PAG on one block at depth d of n", wan_configs),
+}

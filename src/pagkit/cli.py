@@ -175,22 +175,13 @@ def cmd_bench(args) -> None:
         results = bench.run_interleaved(bench.sd15_configs(args.steps), args.rounds)
         sections.append(bench.report("SD1.5-shaped UNet, 32×32 latents", results,
                                      ["CFG 7.5 (diffusers)", "no guidance (diffusers)"]))
-    if args.model in ("flux", "all"):
-        from .bench import FLUX_SHAPE
-        print(f"Flux-shaped FluxTransformer2DModel {FLUX_SHAPE}, 32x32 packed latents, 64 text tokens, "
-              f"{args.steps} predictions, {args.rounds} rounds, {args.threads} thread(s)")
-        configs, limits = bench.flux_configs(args.steps)
-        results = bench.run_interleaved(configs, args.rounds)
-        sections.append(bench.report("Flux-shaped transformer, PAG on one block at depth d of n", results,
-                                     ["no guidance"], limits))
-    if args.model in ("wan", "all"):
-        from .bench import WAN_LATENT, WAN_SHAPE
-        print(f"Wan-shaped WanTransformer3DModel {WAN_SHAPE}, latents {'x'.join(map(str, WAN_LATENT))} (F x H x W), "
-              f"32 text tokens, {args.steps} predictions, {args.rounds} rounds, {args.threads} thread(s)")
-        configs, limits = bench.wan_configs(args.steps)
-        results = bench.run_interleaved(configs, args.rounds)
-        sections.append(bench.report("Wan-shaped video transformer, PAG on one block at depth d of n", results,
-                                     ["no guidance"], limits))
+    for name in ("flux", "wan"):  # PAG by depth on a random-weight transformer, beside the limit (n - d)/n
+        if args.model in (name, "all"):
+            header, title, make = bench.DEPTH_BENCHES[name]
+            print(f"{header}, {args.steps} predictions, {args.rounds} rounds, {args.threads} thread(s)")
+            configs, limits = make(args.steps)
+            results = bench.run_interleaved(configs, args.rounds)
+            sections.append(bench.report(title, results, ["no guidance"], limits))
     if args.model in ("demo", "both", "all"):
         if DEFAULT_UNCOND in shipped_models():
             model, title = load_model(DEFAULT_UNCOND), f"shipped {DEFAULT_UNCOND} UNet2DModel"

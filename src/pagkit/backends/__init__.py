@@ -111,13 +111,18 @@ class Backend:
         grid = self.grid(site, info)
         if site.kind in SELF_KINDS:
             return TokenLayout.self_attention(seq_len, grid)
+        return self.image_span(site, seq_len, grid, site.image_first)
+
+    @staticmethod
+    def image_span(site: Site, seq_len: int, grid: tuple[int, ...] | None, image_first: bool) -> TokenLayout:
+        """The image tokens of ``grid`` at the start (or end) of a sequence of ``seq_len``; the rest is not image."""
         if grid is None:
             raise ValueError(f"pagkit cannot tell where the image tokens of {site.kind} site {site.name} are: "
                              "the forward's image grid is unknown")
         n = math.prod(grid)
         if n > seq_len:
             raise ValueError(f"{site.name}: {n} image tokens expected in a sequence of {seq_len}")
-        return TokenLayout(seq_len, (0, n) if site.image_first else (seq_len - n, seq_len), grid)
+        return TokenLayout(seq_len, (0, n) if image_first else (seq_len - n, seq_len), grid)
 
     def call(self, forward, x: torch.Tensor, t, kwargs: dict) -> torch.Tensor:
         """The model's prediction (ε, v or flow velocity, as the model was trained) for a batch."""

@@ -28,7 +28,6 @@ import math
 
 import torch
 
-from ..perturb import TokenLayout
 from . import Backend, ForwardInfo, Site, register
 
 _CAP = "cap_feats"
@@ -66,14 +65,8 @@ class ZImageBackend(Backend):
         return None
 
     def layout(self, site, seq_len, info):
-        grid = self.grid(site, info)
-        if grid is None:
-            raise ValueError(f"pagkit cannot tell where the image tokens of {site.kind} site {site.name} are: "
-                             "the forward's image grid is unknown")
-        n = math.prod(grid)
-        if n > seq_len:
-            raise ValueError(f"{site.name}: {n} image tokens expected in a sequence of {seq_len}")
-        return TokenLayout(seq_len, (0, n), grid)
+        # every sequence, the refiners' too, is padded: the image tokens are [0, n), never the whole sequence
+        return self.image_span(site, seq_len, self.grid(site, info), image_first=True)
 
     def input_batch(self, model, x):
         if torch.is_tensor(x):
