@@ -16,6 +16,7 @@ from diffusers.models.transformers import (transformer_cogview4, transformer_flu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
+from contract.reference import patch_attention  # noqa: E402
 
 import pagkit  # noqa: E402
 from pagkit.denoise import GuidedDenoiser  # noqa: E402
@@ -55,7 +56,6 @@ GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4":
          "flux2": (4, 6), "hidream": (4, 4), "zimage": (4, 6)}
 
 
-_SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def _forward(model, x, t, cond):
@@ -87,51 +87,6 @@ def _explicit_attention(q, k, v, image, mode, attn_mask=None, scale=None, enable
     if mode == "strict":
         out[:, :, a:b] = v[:, :, a:b]
     return out
-
-
-class _Reference:
-    """Patch the family's attention call so that the chosen modules compute the explicit reference."""
-
-    def __init__(self, monkeypatch, model, names, mode, image_of):
-        self.active = None
-        modules = dict(model.named_modules())
-        for name in names:
-            module = modules[name]
-            original = module.forward
-
-            def forward(*args, __name=name, __original=original, **kwargs):
-                self.active = __name
-                try:
-                    return __original(*args, **kwargs)
-                finally:
-                    self.active = None
-            monkeypatch.setattr(module, "forward", forward)
-        reference = self
-
-        class FunctionalWithReference:  # torch.nn.functional, but SDPA of an active module is the reference
-            def __getattr__(self, item):
-                return getattr(torch.nn.functional, item)
-
-            def scaled_dot_product_attention(self, q, k, v, *args, **kwargs):
-                if reference.active is None:
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, *args, **kwargs)
-                return _explicit_attention(q, k, v, image_of(reference.active, q.shape[-2]), mode,
-                                           **dict(zip(_SDPA_ARGS, args)), **kwargs)
-
-        def dispatch_of(original_dispatch):
-            def dispatch(q, k, v, *args, **kwargs):  # diffusers' dispatch_attention_fn takes (B, S, H, d)
-                if reference.active is None:
-                    return original_dispatch(q, k, v, *args, **kwargs)
-                out = _explicit_attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                                          image_of(reference.active, q.shape[1]), mode,
-                                          **dict(zip(_SDPA_ARGS, args)), **kwargs)
-                return out.transpose(1, 2)
-            return dispatch
-
-        for module in F_MODULES:
-            monkeypatch.setattr(module, "F", FunctionalWithReference())
-        for module in DISPATCH_MODULES:
-            monkeypatch.setattr(module, "dispatch_attention_fn", dispatch_of(module.dispatch_attention_fn))
 
 
 def _image_of(model, x):
@@ -201,7 +156,9 @@ def test_perturbed_branch_equals_the_explicit_mask_reference(family, mode, monke
             router.plan = [Segment(0, x.shape[0], {n: perturbation for n in names})]
             ours = _forward(model, x, t, cond)
         with monkeypatch.context() as m:
-            _Reference(m, model, names, mode, _image_of(model, x))
+            image_of = _image_of(model, x)
+            patch_attention(m, model, names, lambda name, q, k, v, **kw: _explicit_attention(
+                q, k, v, image_of(name, q.shape[-2]), mode, **kw), F_MODULES, DISPATCH_MODULES)
             expected = _forward(model, x, t, cond)
         plain = _forward(model, x, t, cond)
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)

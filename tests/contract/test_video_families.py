@@ -16,6 +16,7 @@ from diffusers.models.transformers import transformer_hunyuan_video, transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import video_models as V  # noqa: E402
+from contract.reference import patch_attention  # noqa: E402
 
 import pagkit  # noqa: E402
 from pagkit.backends import SITE_KINDS  # noqa: E402
@@ -48,7 +49,6 @@ SIGMA = 1.0  # kernel ceil(6σ)+1 = 7, clamped to 3 along F and H and 5 along W 
 PERTURBATIONS = {"identity": Identity(), "strict": Identity(strict=True), "uniform": Uniform(),
                  "uniform_frame": QueryBlur(float("inf"), per_frame=True), "blur": QueryBlur(SIGMA),
                  "blur_frame": QueryBlur(SIGMA, per_frame=True)}
-_SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def blur_matrix_1d(length, sigma):
@@ -106,52 +106,6 @@ def explicit_attention(q, k, v, image, grid, mode, attn_mask=None, scale=None, e
     if mode == "strict":
         out[:, :, a:b] = v[:, :, a:b]
     return out
-
-
-class _Reference:
-    """Patch the family's attention call so that the chosen modules compute the explicit reference."""
-
-    def __init__(self, monkeypatch, model, names, mode, image_of, spec):
-        self.active = None
-        modules = dict(model.named_modules())
-        for name in names:
-            module = modules[name]
-            original = module.forward
-
-            def forward(*args, __name=name, __original=original, **kwargs):
-                self.active = __name
-                try:
-                    return __original(*args, **kwargs)
-                finally:
-                    self.active = None
-            monkeypatch.setattr(module, "forward", forward)
-        reference = self
-
-        class FunctionalWithReference:  # torch.nn.functional, but SDPA of an active module is the reference
-            def __getattr__(self, item):
-                return getattr(torch.nn.functional, item)
-
-            def scaled_dot_product_attention(self, q, k, v, *args, **kwargs):
-                if reference.active is None:
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, *args, **kwargs)
-                return explicit_attention(q, k, v, *image_of(reference.active, q.shape[-2]), mode,
-                                          **dict(zip(_SDPA_ARGS, args)), **kwargs)
-
-        def dispatch_of(original_dispatch):
-            def dispatch(q, k, v, *args, **kwargs):  # diffusers' dispatch_attention_fn takes (B, S, H, d)
-                if reference.active is None:
-                    return original_dispatch(q, k, v, *args, **kwargs)
-                kwargs = {n: kwargs[n] for n in _SDPA_ARGS if n in kwargs}
-                out = explicit_attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                                         *image_of(reference.active, q.shape[1]), mode,
-                                         **dict(zip(_SDPA_ARGS, args)), **kwargs)
-                return out.transpose(1, 2)
-            return dispatch
-
-        for module in spec["functional"]:
-            monkeypatch.setattr(module, "F", FunctionalWithReference())
-        for module in spec["dispatch"]:
-            monkeypatch.setattr(module, "dispatch_attention_fn", dispatch_of(module.dispatch_attention_fn))
 
 
 def _image_of(family, model):
@@ -219,7 +173,9 @@ def test_perturbed_branch_equals_the_explicit_reference(family, mode, monkeypatc
     for names in _site_sets(model):
         ours = _routed_call(model, names, PERTURBATIONS[mode], x, t, cond)
         with monkeypatch.context() as m:
-            _Reference(m, model, names, mode, _image_of(family, model), spec)
+            image_of = _image_of(family, model)
+            patch_attention(m, model, names, lambda name, q, k, v, **kw: explicit_attention(
+                q, k, v, *image_of(name, q.shape[-2]), mode, **kw), spec["functional"], spec["dispatch"])
             expected = _call(model, x, t, cond)
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
         assert (ours - plain).abs().max() > 1e-3, names  # the perturbation changed something
@@ -376,7 +332,9 @@ def test_animatediff_perturbed_branch_equals_the_explicit_reference(mode, monkey
                   spatial + temporal):
         ours = _routed_call(model, names, PERTURBATIONS[mode], x, t, cond)
         with monkeypatch.context() as m:
-            _Reference(m, model, names, mode, _animatediff_image_of(), spec)
+            image_of = _animatediff_image_of()
+            patch_attention(m, model, names, lambda name, q, k, v, **kw: explicit_attention(
+                q, k, v, *image_of(name, q.shape[-2]), mode, **kw), spec["functional"], spec["dispatch"])
             expected = _call(model, x, t, cond)
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
         assert (ours - plain).abs().max() > 1e-4, names
