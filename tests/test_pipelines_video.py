@@ -21,6 +21,7 @@ from diffusers import (AnimateDiffPAGPipeline, AnimateDiffPipeline, CogVideoXDDI
 import models
 import pagkit
 from test_pipelines_without_pag import _HandGuided
+from test_pipelines_without_pag import _run as run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import video_models as V  # noqa: E402
@@ -29,18 +30,7 @@ STEPS = 3
 
 
 def _run(pipe, kwargs, *guidance, hand=None, callback=None):
-    extra = {} if callback is None else dict(callback_on_step_end=callback)
-    generator = torch.Generator().manual_seed(1)
-    if hand is not None:
-        pipe.transformer.forward = hand
-        try:
-            return pipe(**kwargs, **extra, generator=generator).frames
-        finally:
-            del pipe.transformer.forward
-    if not guidance:
-        return pipe(**kwargs, **extra, generator=generator).frames
-    with pagkit.attach(pipe, *guidance):
-        return pipe(**kwargs, **extra, generator=generator).frames
+    return run_pipeline(pipe, kwargs, *guidance, hand=hand, callback=callback, output="frames")
 
 
 # ---- AnimateDiff: diffusers' PAG pipeline as the reference ----

@@ -64,19 +64,21 @@ class _HandGuided:
         return (eps + delta / (self.separate_cfg or 1.0),)
 
 
-def _run(pipe, kwargs, *guidance, hand=None, callback=None):
+def _run(pipe, kwargs, *guidance, hand=None, callback=None, output="images"):
+    """The pipeline's ``output`` (images; frames for video) from seed 1: plain, with ``hand`` as the transformer's
+    forward, or under ``pagkit.attach(pipe, *guidance)``."""
     extra = {} if callback is None else dict(callback_on_step_end=callback)
     generator = torch.Generator().manual_seed(1)
     if hand is not None:
         pipe.transformer.forward = hand
         try:
-            return pipe(**kwargs, **extra, generator=generator).images
+            return getattr(pipe(**kwargs, **extra, generator=generator), output)
         finally:
             del pipe.transformer.forward
     if not guidance:
-        return pipe(**kwargs, **extra, generator=generator).images
+        return getattr(pipe(**kwargs, **extra, generator=generator), output)
     with pagkit.attach(pipe, *guidance):
-        return pipe(**kwargs, **extra, generator=generator).images
+        return getattr(pipe(**kwargs, **extra, generator=generator), output)
 
 
 def _flux_scheduler():
