@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .backends import detect
 from .batch import map_rows
+from .routing import restore_forwards
 
 _warned: set[str] = set()
 
@@ -87,8 +88,4 @@ def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, so
             patched.append((module, original, had_own))
         yield
     finally:
-        for module, original, had_own in patched:
-            if had_own:
-                module.forward = original
-            else:
-                del module.forward
+        restore_forwards(patched)

@@ -259,11 +259,16 @@ def routed(model: nn.Module, site_names: list[str], backend: Backend | None = No
             patched.append((module, original, had_own))
         yield router
     finally:
-        for module, original, had_own in patched:
-            if had_own:
-                module.forward = original
-            else:
-                del module.forward
+        restore_forwards(patched)
+
+
+def restore_forwards(patched: list[tuple[nn.Module, object, bool]]) -> None:
+    """Undo instance-level ``forward`` patches: (module, original forward, whether it had its own)."""
+    for module, original, had_own in patched:
+        if had_own:
+            module.forward = original
+        else:
+            del module.forward
 
 
 def perturbed_call(module: nn.Module, hidden_states: torch.Tensor, perturbation: Perturbation, *,
