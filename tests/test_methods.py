@@ -234,5 +234,8 @@ def test_eval_reads_terms_from_the_methods_and_keeps_every_existing_key():
     assert [c.key for c in sweep][:3] == ["fmnist_none_ddim20_n2000_seed0", "fmnist_slg_s1_Lmid_ddim20_n2000_seed0",
                                           "fmnist_slg_s1_Ldown.1_ddim20_n2000_seed0"]
     assert len(sweep) == 1 + 4 + 4
-    with pytest.raises(ValueError, match="unknown method 'cfg\\+seg'"):
-        EvalConfig("fmnist", "cfg+seg").terms()
+    assert EvalConfig("fmnist", "cfg+seg", cfg_scale=2, scale=1).terms() == [pagkit.CFG(2), pagkit.SEG(1, layers=["mid"])]
+    assert EvalConfig("fmnist", "cfg+seg", cfg_scale=2, scale=1).key == \
+        "fmnist_cfg+seg_w2_s1_sigmainf_ddim20_n2000_seed0"
+    with pytest.raises(ValueError, match="unknown method 'pag\\+seg'"):
+        EvalConfig("fmnist", "pag+seg").terms()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import guidance as G
+from .methods import METHODS
 from .data import read_images
 from .layers import aliases, layers
 from .load import SCHEDULERS, TIMESTEP_SPACINGS, load_model, load_scheduler, shipped_models
@@ -76,6 +77,10 @@ def _random_demo_model():
 
 
 def _configurations(args, conditional: bool) -> list[tuple[str, list]]:
+    if args.guidance:  # the user's rows (pagkit.spec), after the unguided one
+        from .spec import label, parse_spec
+        rows = [parse_spec(text) for text in args.guidance]
+        return [("no guidance", [])] + [(label(terms).replace(" + ", "\n+ "), terms) for terms in rows if terms]
     pag = G.PAG(args.pag_scale, layers=args.pag_layers)
     if conditional:
         return [("no guidance", []), (f"CFG w={args.cfg_scale:g}", [G.CFG(args.cfg_scale)]),
@@ -204,6 +209,16 @@ def _floats(text: str) -> list[float]:
     return [_finite(v) for v in text.split(",") if v.strip()]
 
 
+def _options(text: str) -> dict[str, str]:
+    out = {}
+    for item in (i for i in text.split(",") if i.strip()):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"options look like key=value,key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
 def _intervals(text: str) -> list[tuple[float, float]]:
     out = []
     for item in text.split(","):
@@ -222,7 +237,7 @@ def eval_configs(args) -> list:
                   layer_sets=[_layer_list(group) for group in args.layers.split(";")],
                   perturbations=args.perturbations, sigmas=args.seg_sigmas, intervals=args.intervals,
                   sag_layers=args.sag_layers, seed_sets=args.seed_sets, scheduler=args.scheduler, steps=args.steps,
-                  num_samples=args.num_samples, timestep_spacing=args.timestep_spacing)
+                  num_samples=args.num_samples, timestep_spacing=args.timestep_spacing, options=args.options)
 
 
 def cmd_eval(args) -> None:
@@ -338,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-layers", type=_layer_list, default=["mid"])
     p.add_argument("--sag-scale", type=_finite, default=0.75)
     p.add_argument("--sag-layer", default="mid")
+    p.add_argument("--guidance", action="append", metavar="SPEC",
+                   help="a row of your own guidance instead of the default rows (repeatable), e.g. "
+                        "'pag:1,layers=mid', 'slg:2,layers=mid', 'cfg:3; seg:1,layers=mid'. Terms are "
+                        "separated by ';', options are the method's fields, lists joined by '+' "
+                        "(see pagkit.spec); methods: " + ", ".join(METHODS))
     p.add_argument("--class-label", type=int, default=None, help="class for conditional models (default: 0..9)")
     p.add_argument("--out", default="pagkit_samples.png", help="PNG grid to write")
     p.add_argument("--list-layers", action="store_true", help="print the models' layers and exit")
@@ -360,8 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="resumable metric sweeps (FD, KID, IS, precision/recall); torchrun-ready")
     p.add_argument("--model", default=DEFAULT_UNCOND, help="shipped model name or diffusers folder")
     p.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",")], default=["none", "pag"],
-                   help="comma-separated: none, pag, seg, sag, slg, cfg, cfg+pag, cfg+slg (slg: --layers are "
-                        "block selections; its interval is open at both ends, as diffusers' SD3 pipeline)")
+                   help="comma-separated: none, any of " + ", ".join(METHODS) + ", or cfg+<method> (e.g. "
+                        "cfg+pag); each method takes the axes it has (slg: --layers are block selections; its "
+                        "interval is open at both ends, as diffusers' SD3 pipeline)")
+    p.add_argument("--options", type=_options, default={}, metavar="KEY=VALUE,...",
+                   help="further fields of the guided methods, as in pagkit sample --guidance (e.g. "
+                        "'kernel_size=7'); each goes to every chosen method that has it, and into the row's key")
     p.add_argument("--scales", type=_floats, default=[3.0], help="PAG s / SEG γ / SAG s / SLG s values")
     p.add_argument("--cfg-scales", type=_floats, default=[3.0], help="CFG w values")
     p.add_argument("--layers", default=",".join(DEFAULT_PAG_LAYERS),

@@ -45,8 +45,8 @@ class EvalConfig:
     """One row of a results table: everything that produced its samples."""
 
     model: str
-    method: str  # none | pag | seg | sag | slg | cfg | cfg+pag | cfg+slg
-    scale: float = 0.0  # PAG s / SEG γ / SAG s / SLG s (the papers' conventions)
+    method: str  # none, a name of pagkit.methods.METHODS, or cfg+<name> (e.g. cfg+pag)
+    scale: float = 0.0  # the guided method's scale (PAG s / SEG γ / SAG s / SLG s: the papers' conventions)
     cfg_scale: float = 1.0  # CFG w (1 = off)
     layers: tuple[str, ...] = ()
     perturbation: str = "identity"
@@ -58,23 +58,32 @@ class EvalConfig:
     num_samples: int = 2000
     seed_set: int = 0
     timestep_spacing: str | None = None  # None: the model's own scheduler config (leading for the shipped ones)
+    options: tuple[tuple[str, str], ...] = ()  # further fields of the guided method, as text (pagkit.spec)
+
+    @property
+    def guided(self) -> str | None:
+        """The method whose scale is ``scale`` (``pag`` of ``cfg+pag``); None for none and CFG alone."""
+        name = self.method.split("+")[-1]
+        return None if name in ("none", "cfg") else name
 
     @property
     def key(self) -> str:
         parts = [Path(self.model).name, self.method]
         if self.method != "none":
+            fields = _field_names(self.guided) if self.guided else set()
             if "cfg" in self.method:
                 parts.append(f"w{self.cfg_scale:g}")
-            if self.method != "cfg":
+            if self.guided:
                 parts.append(f"s{self.scale:g}")
             if self.layers:
                 parts.append("L" + "+".join(self.layers))
-            if self.method in ("pag", "cfg+pag") and self.perturbation != "identity":
+            if "perturbation" in fields and self.perturbation != "identity":
                 parts.append(self.perturbation)
-            if self.method == "seg":
+            if "sigma" in fields:
                 parts.append(f"sigma{self.sigma:g}")
             if (self.start, self.stop) != (0.0, 1.0):
                 parts.append(f"t{self.start:g}-{self.stop:g}")
+            parts += [f"{k}{v}" for k, v in self.options]
         sampler = f"{self.scheduler}{self.steps}" + (f"-{self.timestep_spacing}" if self.timestep_spacing else "")
         parts += [sampler, f"n{self.num_samples}", f"seed{self.seed_set}"]
         return re.sub(r"[^A-Za-z0-9.+_-]", "_", "_".join(parts))
@@ -83,36 +92,56 @@ class EvalConfig:
         """The guidance terms of this row, read off the methods themselves (``pagkit.methods.METHODS``).
 
         Each term takes the row's value of every field it has (``layers``, SAG's one ``layer``, PAG's
-        ``perturbation``, SEG's ``sigma``); CFG's scale is ``cfg_scale``, every other term's ``scale``; the
-        interval goes to the guided term (to CFG only when it is alone).
+        ``perturbation``, SEG's ``sigma``, and the ``options``); CFG's scale is ``cfg_scale``, every other
+        term's ``scale``; the interval goes to the guided term (to CFG only when it is alone).
         """
         if self.method == "none":
             return []
-        if self.method not in EVAL_METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(EVAL_METHODS)}")
+        names = _method_names(self.method)
         layers = list(self.layers) or ["mid"]
         values = {"layers": layers, "layer": layers[0], "perturbation": self.perturbation, "sigma": self.sigma}
-        names = self.method.split("+")
         out = []
         for name in names:
             cls = METHODS[name]
-            fields = {f.name for f in dataclasses.fields(cls)}
+            fields = _field_names(name)
+            if name == "cfg":
+                options = {} if len(names) > 1 else {"start": self.start, "stop": self.stop}
+                out.append(cls(self.cfg_scale, **options))
+                continue
             options = {k: v for k, v in values.items() if k in fields}
-            if name != "cfg" or len(names) == 1:
-                options.update(start=self.start, stop=self.stop)
-            out.append(cls(self.cfg_scale if name == "cfg" else self.scale, **options))
+            options.update(start=self.start, stop=self.stop)
+            from .spec import parse_term
+            extra = parse_term(f"{name}:" + ",".join(f"{k}={v}" for k, v in self.options)) if self.options else None
+            options.update({k: getattr(extra, k) for k, _ in self.options})
+            out.append(cls(self.scale, **options))
         return out
 
 
-# the methods a sweep row can name: none, each method alone, and CFG with the methods whose keys stay complete
-EVAL_METHODS = ("none", *METHODS, "cfg+pag", "cfg+slg")
+def _field_names(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(METHODS[method])}
+
+
+def _method_names(method: str) -> list[str]:
+    """``pag`` → [pag]; ``cfg+pag`` → [cfg, pag]; anything else is an error naming the valid ones."""
+    names = method.split("+")
+    if not (all(n in METHODS for n in names) and (len(names) == 1 or (len(names) == 2 and names[0] == "cfg"
+                                                                      and names[1] != "cfg"))):
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(EVAL_METHODS)}")
+    return names
+
+
+# the methods a sweep row can name: none, each method alone, and CFG with any other one
+EVAL_METHODS = ("none", *METHODS, *(f"cfg+{m}" for m in METHODS if m != "cfg"))
 
 
 def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), layer_sets=(("mid",),),
            perturbations=("identity",), sigmas=(math.inf,), intervals=((0.0, 1.0),), sag_layers=("mid",),
            seed_sets=(0,), scheduler="ddim", steps=20, num_samples=2000,
-           timestep_spacing: str | None = None) -> list[EvalConfig]:
-    """The cartesian product of the sweep's axes, per method (only the axes a method has).
+           timestep_spacing: str | None = None, options: dict[str, str] | None = None) -> list[EvalConfig]:
+    """The cartesian product of the sweep's axes, per method: each method takes the axes it has fields for
+    (``layers`` ← ``layer_sets``, a single ``layer`` ← ``sag_layers``, ``perturbation``, ``sigma``), in the
+    order w, s, layers, perturbation, σ, interval. ``options`` (field → text) go to every guided method that
+    has the field; one that names a field no chosen method has is an error.
 
     ``timestep_spacing`` equal to the model's own (its scheduler config's) is stored as None, so that a
     configuration has one key whether its spacing was named or left to the default.
@@ -124,6 +153,11 @@ def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), 
                              f"{', '.join(TIMESTEP_SPACINGS)}")
         if timestep_spacing == default_timestep_spacing(model, scheduler):
             timestep_spacing = None
+    options = dict(options or {})
+    guided = [n[-1] for n in (_method_names(m) for m in methods if m != "none") if n[-1] != "cfg"]
+    for key in options:
+        if not any(key in _field_names(m) for m in guided):
+            raise ValueError(f"option {key!r} is a field of none of the methods {', '.join(guided) or '(none)'}")
     base = EvalConfig(model=model, method="none", scheduler=scheduler, steps=steps, num_samples=num_samples,
                       timestep_spacing=timestep_spacing)
     configs = []
@@ -132,25 +166,20 @@ def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), 
         for method in methods:
             if method == "none":
                 configs.append(b)
-            elif method == "cfg":
+                continue
+            names = _method_names(method)
+            if names == ["cfg"]:
                 configs += [replace(b, method="cfg", cfg_scale=w) for w in cfg_scales]
-            elif method == "sag":
-                configs += [replace(b, method="sag", scale=s, layers=(L,), start=i[0], stop=i[1])
-                            for s in scales for L in sag_layers for i in intervals]
-            elif method == "seg":
-                configs += [replace(b, method="seg", scale=s, layers=tuple(L), sigma=sig, start=i[0], stop=i[1])
-                            for s in scales for L in layer_sets for sig in sigmas for i in intervals]
-            elif method in ("pag", "cfg+pag"):
-                ws = cfg_scales if method == "cfg+pag" else (1.0,)
-                configs += [replace(b, method=method, cfg_scale=w, scale=s, layers=tuple(L), perturbation=p,
-                                    start=i[0], stop=i[1])
-                            for w in ws for s in scales for L in layer_sets for p in perturbations for i in intervals]
-            elif method in ("slg", "cfg+slg"):
-                ws = cfg_scales if method == "cfg+slg" else (1.0,)
-                configs += [replace(b, method=method, cfg_scale=w, scale=s, layers=tuple(L), start=i[0], stop=i[1])
-                            for w in ws for s in scales for L in layer_sets for i in intervals]
-            else:
-                raise ValueError(f"unknown method {method!r}; choose from {', '.join(EVAL_METHODS)}")
+                continue
+            fields = _field_names(names[-1])
+            layer_axis = ([tuple(L) for L in layer_sets] if "layers" in fields else
+                          [(L,) for L in sag_layers] if "layer" in fields else [()])
+            mine = tuple((k, v) for k, v in options.items() if k in fields)
+            configs += [replace(b, method=method, cfg_scale=w, scale=s, layers=L, perturbation=p, sigma=sig,
+                                start=i[0], stop=i[1], options=mine)
+                        for w in (cfg_scales if names[0] == "cfg" else (1.0,)) for s in scales for L in layer_axis
+                        for p in (perturbations if "perturbation" in fields else ("identity",))
+                        for sig in (sigmas if "sigma" in fields else (math.inf,)) for i in intervals]
     return list(dict.fromkeys(configs))  # scale-0 duplicates etc. collapse
 
 
@@ -334,6 +363,10 @@ def _config_dict(config: EvalConfig) -> dict:
     d = asdict(config)
     d["layers"] = list(config.layers)
     d["sigma"] = "inf" if math.isinf(config.sigma) else config.sigma
+    if config.options:
+        d["options"] = dict(config.options)
+    else:
+        del d["options"]  # results from before options existed read the same
     return d
 
 
@@ -377,8 +410,11 @@ def flatten(rows: list[dict]) -> list[dict]:
     """results.json rows -> one flat dict per row (COLUMNS + METRICS); a metric a row lacks (``fd_b`` of an
     Inception sweep) is None, a config field older results lack (``timestep_spacing``) is None."""
     flat = [{**{c: r["config"].get(c) for c in COLUMNS}, **{m: r["metrics"].get(m) for m in METRICS}} for r in rows]
-    for row in flat:
+    for row, r in zip(flat, rows):
         row["layers"] = "+".join(row["layers"])
+        options = r["config"].get("options") or {}
+        if options:  # the guided method's further fields, e.g. "pag strength=0.5"
+            row["method"] += " " + " ".join(f"{k}={v}" for k, v in options.items())
     return flat
 
 

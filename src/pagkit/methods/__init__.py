@@ -11,7 +11,9 @@ method     formula                                     scale convention
 =========  ==========================================  =====================================================
 
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
-``GuidanceTerm`` subclass whose ``bind`` returns a ``base.Bound`` (see base.py), and one entry in ``METHODS``.
+``GuidanceTerm`` subclass whose ``bind`` returns a ``base.Bound`` (see base.py), and one entry in ``METHODS``;
+its text form (``pagkit sample --guidance "pag:1,layers=mid"``, ``pagkit eval --methods … --options …``) is
+read off its dataclass fields by ``pagkit.spec``, so the command line needs no change.
 """
 from .base import Bound, Branch, Context, Contrast, GuidanceTerm, Step, check_guidance, combine, rescale_guidance
 from .cfg import CFG

@@ -1,0 +1,158 @@
+"""Guidance written as text: ``"cfg:3; pag:1,layers=mid+down.2"`` ⇄ ``[CFG(3), PAG(1, layers=["mid", "down.2"])]``.
+
+One spec is the guidance of one sample row: terms separated by ``;``, each ``method[:value,key=value,...]``.
+``method`` is a name of ``pagkit.methods.METHODS``; a bare first value is the term's ``scale``; every other
+key is a field of the method's dataclass, so a new method gets its command-line form for free. Values are
+read by the field's default: numbers (``inf`` allowed), ``true``/``false``, ``none`` where the default is
+None, and lists joined by ``+`` (``layers=mid+down.2``, ``layers=7+8+9``). Fields that hold objects (a
+weak model, tensors) cannot be written as text and say so.
+
+``format_spec`` writes a term back (the fields that differ from the defaults), so
+``parse_spec(format_spec(terms)) == terms``; ``label`` is the short caption of a grid row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .methods import METHODS, GuidanceTerm
+
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _is_list(field: dataclasses.Field) -> bool:
+    return isinstance(_default(field), (list, tuple)) or any(w in str(field.type) for w in ("list", "tuple"))
+
+
+def _scalar(text: str, default, where: str):
+    low = text.strip().lower()
+    if low == "none" and (default is None or "None" in where):
+        return None
+    if isinstance(default, bool):
+        if low in _TRUE | _FALSE:
+            return low in _TRUE
+        raise ValueError(f"{where} is true or false, got {text!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            return int(low)
+        except ValueError:
+            raise ValueError(f"{where} is an integer, got {text!r}") from None
+    if isinstance(default, float) or (default is None and "float" in where):
+        try:
+            return float(low)
+        except ValueError:
+            raise ValueError(f"{where} is a number, got {text!r}") from None
+    return text.strip()
+
+
+def _value(cls, name: str, field: dataclasses.Field, text: str):
+    where = f"{cls.__name__} {name} ({field.type})"
+    if _is_list(field) and ("+" in text or not isinstance(_default(field), str)):
+        items = [t.strip() for t in text.split("+") if t.strip()]
+        if not items:
+            raise ValueError(f"{where} needs at least one item, got {text!r}")
+        return [int(t) if t.isdigit() else t for t in items]
+    if _is_list(field):  # a str-or-list field (layers): one item stays a string
+        return text.strip()
+    return _scalar(text, _default(field), where)
+
+
+def _method(name: str) -> type[GuidanceTerm]:
+    cls = METHODS.get(name.strip().lower())
+    if cls is None:
+        raise ValueError(f"unknown guidance method {name.strip()!r}; choose one of {', '.join(METHODS)}")
+    return cls
+
+
+def parse_term(text: str) -> GuidanceTerm:
+    """One term: ``"pag"``, ``"pag:1"``, ``"pag:1,layers=mid+down.2,start=0.2"``."""
+    name, _, rest = text.strip().partition(":")
+    if not name.strip():
+        raise ValueError(f"a guidance term starts with its method's name ({', '.join(METHODS)}), got {text!r}")
+    cls = _method(name)
+    fields = _fields(cls)
+    options = {}
+    for i, item in enumerate(p for p in rest.split(",") if p.strip()):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            if i:
+                raise ValueError(f"{cls.__name__}: {item.strip()!r} needs a key (key=value); only the first "
+                                 f"value may be bare (the scale)")
+            key, raw = "scale", item
+        key = key.strip().replace("-", "_")
+        if key not in fields:
+            raise ValueError(f"{cls.__name__} has no option {key!r}; its options: {', '.join(fields)}")
+        if key in options:
+            raise ValueError(f"{cls.__name__}: {key} given twice in {text.strip()!r}")
+        default = _default(fields[key])
+        if default is not None and not isinstance(default, (bool, int, float, str, list, tuple)):
+            raise ValueError(f"{cls.__name__} {key} is an object and cannot be given as text; "
+                             f"construct pagkit.{cls.__name__} in Python")
+        options[key] = _value(cls, key, fields[key], raw)
+    return cls(**options)
+
+
+def parse_spec(text: str) -> list[GuidanceTerm]:
+    """One row's guidance: terms separated by ``;``. ``"none"`` (or an empty string) is no guidance."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    from .methods import check_guidance
+    return check_guidance([parse_term(part) for part in text.split(";") if part.strip()])
+
+
+def _text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(_text(v) for v in value)
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:g}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
+def _changed(term: GuidanceTerm, always=("scale",)) -> dict:
+    """The fields that differ from the method's defaults (and those in ``always``), in declaration order."""
+    out = {}
+    for name, field in _fields(type(term)).items():
+        value, default = getattr(term, name), _default(field)
+        same = (list(value) == list(default)) if isinstance(value, (list, tuple)) and \
+            isinstance(default, (list, tuple)) else value == default
+        if name in always or not same:
+            out[name] = value
+    return out
+
+
+def format_term(term: GuidanceTerm) -> str:
+    name = next(k for k, cls in METHODS.items() if type(term) is cls)
+    changed = _changed(term)
+    parts = [_text(changed.pop("scale"))] + [f"{k}={_text(v)}" for k, v in changed.items()]
+    return f"{name}:{','.join(parts)}"
+
+
+def format_spec(terms) -> str:
+    return "; ".join(format_term(t) for t in terms) if terms else "none"
+
+
+def label(terms) -> str:
+    """A grid caption: ``"PAG 1 (layers=mid)"``, ``"CFG 3 + PAG 1"``; ``"no guidance"`` for none."""
+    if not terms:
+        return "no guidance"
+    out = []
+    for term in terms:
+        changed = _changed(term, always=("scale", "layers", "layer"))  # where it acts is always shown
+        scale = _text(changed.pop("scale"))
+        extra = ", ".join(f"{k}={_text(v)}" for k, v in changed.items())
+        out.append(f"{type(term).__name__} {scale}" + (f" ({extra})" if extra else ""))
+    return " + ".join(out)
