@@ -120,4 +120,4 @@ def test_results_of_a_row_with_options_say_them(tmp_path):
     row = dataclasses.replace(plain, options=(("kernel_size", "7"),))
     metrics = {"fd": 1.0, "kid": 0.1}
     flat = flatten([{"config": _config_dict(row), "metrics": metrics}])
-    assert flat[0]["method"] == "sag kernel_size=7"
+    assert (flat[0]["method"], flat[0]["options"]) == ("sag", "kernel_size=7")

@@ -401,7 +401,7 @@ def _barrier(world: int) -> None:
 
 
 COLUMNS = ["model", "method", "cfg_scale", "scale", "layers", "perturbation", "sigma", "start", "stop", "scheduler",
-           "steps", "timestep_spacing", "num_samples", "seed_set"]
+           "steps", "timestep_spacing", "num_samples", "seed_set", "options"]
 METRICS = ["fd", "kid", "fd_b", "kid_b", "is", "precision", "recall", "mean_pixel", "class_tv_distance",
            "seconds_per_image"]
 
@@ -412,10 +412,21 @@ def flatten(rows: list[dict]) -> list[dict]:
     flat = [{**{c: r["config"].get(c) for c in COLUMNS}, **{m: r["metrics"].get(m) for m in METRICS}} for r in rows]
     for row, r in zip(flat, rows):
         row["layers"] = "+".join(row["layers"])
-        options = r["config"].get("options") or {}
-        if options:  # the guided method's further fields, e.g. "pag strength=0.5"
-            row["method"] += " " + " ".join(f"{k}={v}" for k, v in options.items())
+        row["options"] = " ".join(f"{k}={v}" for k, v in (r["config"].get("options") or {}).items())
     return flat
+
+
+def _fields_of(method: str) -> set[str]:
+    """The fields of a flat row's guided method (``pag`` of ``cfg+pag``); none for none and CFG alone."""
+    name = method.split("+")[-1]
+    return _field_names(name) if name in METHODS and name != "cfg" else set()
+
+
+def _variant_words(r: dict) -> list[str]:
+    """What tells a row's guided method apart beyond site and scale: PAG's perturbation, SEG's σ, the options."""
+    fields = _fields_of(r["method"])
+    return [f"perturbation={r['perturbation']}" if "perturbation" in fields and r["perturbation"] != "identity"
+            else "", f"σ={r['sigma']}" if "sigma" in fields else "", r.get("options") or ""]
 
 
 def _cell(value, digits: int) -> str:
@@ -438,7 +449,8 @@ def write_tables(out: Path, rows: list[dict]) -> None:
     for r in flat:
         sampler = f"{r['scheduler']}-{r['steps']}" + (f" {r['timestep_spacing']}" if r["timestep_spacing"] else "")
         lines.append("| " + " | ".join(str(v) for v in [
-            r["method"], f"{r['cfg_scale']:g}", f"{r['scale']:g}", r["layers"] or "—", r["perturbation"],
+            " ".join(w for w in (r["method"], r["options"]) if w), f"{r['cfg_scale']:g}", f"{r['scale']:g}",
+            r["layers"] or "—", r["perturbation"],
             r["sigma"], f"{r['start']:g}–{r['stop']:g}", sampler, r["num_samples"],
             r["seed_set"], f"{r['fd']:.3f}", f"{r['kid']:.4f}", _cell(r["fd_b"], 3), _cell(r["kid_b"], 4),
             f"{r['is']:.2f}", f"{r['precision']:.3f}",
@@ -460,18 +472,15 @@ def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     One line per configuration but its scale and seed set; it starts at scale 0 with the matching
     unguided rows when the sweep has them. Sampler, N and model appear in a label only where they vary.
     """
-    guided = [r for r in flat if r["method"] in ("pag", "seg", "sag", "cfg+pag")]
+    guided = [r for r in flat if _fields_of(r["method"])]
     varies = {k for k in _BASE_KEYS if len({r.get(k) for r in guided}) > 1}
 
     def label(r: dict) -> str:
-        parts = [r["method"], r["layers"]]
-        if r["method"] == "pag" and r["perturbation"] != "identity":
-            parts.append(r["perturbation"])
-        if r["method"] == "seg":
-            parts.append(f"σ={r['sigma']}")
+        perturbation, sigma, options = _variant_words(r)
+        parts = [r["method"], r["layers"], perturbation.removeprefix("perturbation="), sigma, options]
         if (r["start"], r["stop"]) != (0.0, 1.0):
             parts.append(f"t={r['start']:g}–{r['stop']:g}")
-        if r["method"] == "cfg+pag":
+        if r["method"].startswith("cfg+"):
             parts.append(f"w={r['cfg_scale']:g}")
         if {"scheduler", "steps", "timestep_spacing"} & varies:
             parts.append(f"{r['scheduler']}-{r['steps']}" + (f"-{r['timestep_spacing']}" if r.get("timestep_spacing")
@@ -496,7 +505,7 @@ def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     for (name, scale), rows in points.items():
         lines[name].append(point(scale, rows))
     for name, r in first.items():
-        base_method, base_w = ("cfg", r["cfg_scale"]) if r["method"] == "cfg+pag" else ("none", 1.0)
+        base_method, base_w = ("cfg", r["cfg_scale"]) if r["method"].startswith("cfg+") else ("none", 1.0)
         base = [b for b in flat if b["method"] == base_method and b["cfg_scale"] == base_w
                 and all(b.get(k) == r.get(k) for k in _BASE_KEYS)]
         pts = lines[name]
@@ -506,13 +515,11 @@ def fd_lines(flat: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     return lines
 
 
-HEATMAP_METHODS = ("pag", "seg")
-
-
 def fd_change_maps(flat: list[dict], metric: str = "fd") -> list[dict]:
-    """Site × scale maps of the relative change of ``metric`` (in %) against no guidance, for PAG and SEG.
+    """Site × scale maps of the relative change of ``metric`` (in %) against no guidance, for every method
+    with ``layers`` (PAG, SEG, SLG, ...) on its own (not under CFG).
 
-    One map per method and variant (PAG's perturbation, SEG's σ, the interval and the sampling: model,
+    One map per method and variant (PAG's perturbation, SEG's σ, the options, the interval and the sampling: model,
     sampler, steps, spacing, N), drawn only where the variant covers at least 2 sites and 2 scales. A cell
     is the mean over seed sets of 100·(m − m₀)/m₀, with m₀ the unguided row of the same sampling and seed
     set; a cell without its unguided row, or whose rows lack ``metric`` (``fd_b`` of old rows), is None.
@@ -525,14 +532,13 @@ def fd_change_maps(flat: list[dict], metric: str = "fd") -> list[dict]:
             base[tuple(r.get(k) for k in _BASE_KEYS) + (r["seed_set"],)] = r[metric]
     groups: dict[tuple, dict[tuple, list[float]]] = {}
     for r in flat:
-        if r["method"] not in HEATMAP_METHODS or r.get(metric) is None or not r["layers"]:
+        if "layers" not in _fields_of(r["method"]) or "+" in r["method"] or r.get(metric) is None \
+                or not r["layers"]:
             continue
         b = base.get(tuple(r.get(k) for k in _BASE_KEYS) + (r["seed_set"],))
         if not b:
             continue
-        variant = (r["method"], r["perturbation"] if r["method"] == "pag" else None,
-                   r["sigma"] if r["method"] == "seg" else None, r["start"], r["stop"],
-                   *(r.get(k) for k in _BASE_KEYS))
+        variant = (r["method"], *_variant_words(r), r["start"], r["stop"], *(r.get(k) for k in _BASE_KEYS))
         groups.setdefault(variant, {}).setdefault((r["layers"], r["scale"]), []).append(100 * (r[metric] - b) / b)
     maps = []
     for variant, cells in groups.items():
@@ -540,10 +546,8 @@ def fd_change_maps(flat: list[dict], metric: str = "fd") -> list[dict]:
         scales = sorted({scale for _, scale in cells})
         if len(sites) < 2 or len(scales) < 2:
             continue
-        method, perturbation, sigma, start, stop, model, scheduler, steps, spacing, n = variant
-        words = [f"perturbation={perturbation}" if perturbation not in (None, "identity") else "",
-                 f"σ={sigma}" if sigma is not None else "",
-                 f"t={start:g}–{stop:g}" if (start, stop) != (0, 1) else "",
+        method, perturbation, sigma, options, start, stop, model, scheduler, steps, spacing, n = variant
+        words = [perturbation, sigma, options, f"t={start:g}–{stop:g}" if (start, stop) != (0, 1) else "",
                  f"{Path(str(model)).name} {scheduler}-{steps}" + (f"-{spacing}" if spacing else "") + f" N={n}"]
         maps.append({"method": method, "variant": " ".join(w for w in words if w), "sites": sites,
                      "scales": scales,
