@@ -86,6 +86,7 @@ def test_sample_rows_come_from_guidance_specs(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--guidance", "pag:1,layers=mid_blok"], "unknown layer 'mid_blok'"),
     (["sample", "--guidance", "tpx:1"], "unknown guidance method 'tpx'"),
+    (["sample", "--guidance", "cfg:2; pag:1"], "CFG needs a class-conditional model (with a null class)"),
     (["eval", "--methods", "sag", "--options", "kernel_sise=7", "--out", "unused"],
      "option 'kernel_sise' is a field of none of the methods sag"),
 ])

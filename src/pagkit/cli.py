@@ -78,9 +78,15 @@ def _random_demo_model():
 
 def _configurations(args, conditional: bool) -> list[tuple[str, list]]:
     if args.guidance:  # the user's rows (pagkit.spec), after the unguided one
-        from .spec import label, parse_spec
-        rows = [parse_spec(text) for text in args.guidance]
-        return [("no guidance", [])] + [(label(terms).replace(" + ", "\n+ "), terms) for terms in rows if terms]
+        from .spec import format_spec, label, parse_spec
+        rows = [terms for terms in (parse_spec(text) for text in args.guidance) if terms]
+        with_cfg = [terms for terms in rows if any(isinstance(t, G.CFG) for t in terms)]
+        if with_cfg and not conditional:
+            if args.model:  # the user's one model cannot do it
+                raise ValueError(f"--guidance {format_spec(with_cfg[0])!r}: CFG needs a class-conditional model "
+                                 f"(with a null class); {args.model} is unconditional")
+            rows = [terms for terms in rows if terms not in with_cfg]  # the shipped pair: CFG rows on fmnist-cond
+        return [("no guidance", [])] + [(label(terms).replace(" + ", "\n+ "), terms) for terms in rows]
     pag = G.PAG(args.pag_scale, layers=args.pag_layers)
     if conditional:
         return [("no guidance", []), (f"CFG w={args.cfg_scale:g}", [G.CFG(args.cfg_scale)]),
