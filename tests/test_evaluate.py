@@ -62,6 +62,32 @@ def test_sweep_writes_every_output(assets, tmp_path):
     assert config["num_samples"] == 12 and config["scheduler"] == "ddim" and config["steps"] == 2
 
 
+def test_a_configuration_whose_guidance_goes_non_finite_is_recorded_as_failed(assets, tmp_path, monkeypatch):
+    from pagkit.denoise import NonFiniteGuidance
+    sweep = _sweep(assets, tmp_path / "a")
+    guided = next(c for c in sweep.configs if c.method == "pag")
+    made = []
+    plain = Sweep.make_shard
+
+    def make_shard(self, config, k):
+        if config == guided and k == 1:
+            raise NonFiniteGuidance("guidance made the prediction NaN/inf at the step with t=500")
+        made.append((config.method, k))
+        return plain(self, config, k)
+
+    monkeypatch.setattr(Sweep, "make_shard", make_shard)
+    rows = sweep.run()
+    assert made == [("none", 0), ("none", 1), ("none", 2), ("pag", 0)]  # nothing more made for the failed one
+    failed = json.loads(sweep.result_path(guided).read_text())
+    assert "metrics" not in failed and "NaN/inf at the step with t=500" in failed["failed"]
+    assert [("failed" in r) for r in rows] == [False, True]
+    md = (tmp_path / "a" / "results.md").read_text()
+    assert md.count("| none |") == 1 and "| pag |" not in md and f"- `{guided.key}`: guidance made" in md
+    made.clear()
+    sweep.run()  # run again: the failure is a finished result, not retried
+    assert made == []
+
+
 def test_killed_sweep_resumes_without_recomputing(assets, tmp_path):
     _sweep(assets, tmp_path / "straight").run()
     killed = _sweep(assets, tmp_path / "resumed", max_new_shards=4)

@@ -51,3 +51,44 @@ def test_loading_never_prints_the_accelerate_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         load_model("fmnist")
     assert "accelerate" not in caplog.text
+
+
+def test_guidance_that_goes_non_finite_stops_naming_the_step_and_the_term():
+    """No silent NaN: a term whose contribution is NaN/inf ends sampling with the step and the term; ε_c itself
+    going non-finite is the model's doing and is not blamed on guidance; check_finite=False samples anyway."""
+    from dataclasses import dataclass
+
+    import torch
+    from diffusers import DDIMScheduler
+
+    import models
+    import pagkit
+    from pagkit.denoise import NonFiniteGuidance
+    from pagkit.methods.base import Contrast
+
+    @dataclass
+    class Overflowing(pagkit.GuidanceTerm):  # PAG whose difference overflows float32 at the second step
+        scale: float = 1.0
+
+        def bind(self, key, context):
+            bound = Contrast(self, key, {"mid_block.attentions.0": pagkit.perturb.Identity()})
+            plain = bound.contribution
+            bound.contribution = lambda scale, step: plain(scale, step) * (3e38 if step.t < 400 else 1.0) * 1e10
+            return bound
+
+    model, scheduler = models.unet2d(), DDIMScheduler()
+    with pytest.raises(NonFiniteGuidance, match=r"at the step with t=0 \(progress 0.5\) .*from .*Overflowing\("
+                                                r"scale=1"):
+        pagkit.sample(model, scheduler, batch_size=2, num_inference_steps=2, guidance=[Overflowing()],
+                      progress_bar=False, generator=torch.Generator().manual_seed(0))
+    out = pagkit.sample(model, scheduler, batch_size=2, num_inference_steps=2, guidance=[Overflowing()],
+                        progress_bar=False, generator=torch.Generator().manual_seed(0), check_finite=False)
+    assert not torch.isfinite(out).all()
+    finite = pagkit.sample(model, scheduler, batch_size=2, num_inference_steps=2, guidance=[pagkit.PAG(3e3)],
+                           progress_bar=False, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(finite).all()  # large but finite guidance is not an error
+    nan = torch.full((2, 1, 16, 16), float("nan"))  # the model's own NaN: passed through, not an error
+    out = pagkit.sample(model, scheduler, batch_size=2, num_inference_steps=2, guidance=[pagkit.PAG(1.0)],
+                        latents=nan, progress_bar=False)
+    assert torch.isnan(out).all()
+    assert isinstance(NonFiniteGuidance("x"), RuntimeError)  # the CLI's one-line errors catch it

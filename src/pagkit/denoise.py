@@ -25,6 +25,10 @@ from .prefix import prefix_stages, shared_prefix
 from .routing import Segment, routed
 
 
+class NonFiniteGuidance(RuntimeError):
+    """The guided prediction holds NaN or inf where the unguided one does not (a scale too large, fp16 overflow)."""
+
+
 class GuidedDenoiser:
     """Guidance around a model: ``predict(x_t, t, cond, uncond, progress)`` returns ε̃ (in the model's output space).
 
@@ -35,11 +39,15 @@ class GuidedDenoiser:
     ``forward``: what to call instead of ``model(...)`` (``attach`` passes the unwrapped forward).
     ``prefix_sharing``: compute the stages before the first perturbed layer once for the conditional and
     the perturbed branches (see prefix.py); same results, less work. False runs every branch in full.
+    ``check_finite``: stop with ``NonFiniteGuidance``, naming the step and the terms, when guidance makes the
+    prediction NaN or inf while ε_c is finite (a silent NaN would only show as black images); False skips
+    the check (one reduction per step).
     """
 
     def __init__(self, model, guidance=(), *, scheduler=None, guidance_rescale: float = 0.0, forward=None,
-                 prefix_sharing: bool = True):
+                 prefix_sharing: bool = True, check_finite: bool = True):
         self.model = model
+        self.check_finite = check_finite
         self.backend = detect(model)  # one clear error for an unknown family, before any work
         self.prefix_sharing = prefix_sharing
         self.forward = forward if forward is not None else model
@@ -126,13 +134,14 @@ class GuidedDenoiser:
         eps = {k: v[:, :channels] for k, v in preds.items()} if learned_sigma else preds
         step = Step(x=x, t=t, inputs=inputs, eps=eps, captured=captured, call=self._call)
         contributions = [m.contribution(scales[m.key], step) for m in active]
+        finite = self._check_finite if self.check_finite else (lambda out, *_: out)
         if external_cfg is not None:
             cond_out = eps["cond"] + sum(contributions) / external_cfg
             keys = ("cond",) if separate_uncond else ("uncond", "cond")
             halves = [cond_out] if separate_uncond else [eps["uncond"], cond_out]
             if learned_sigma:
                 halves = [torch.cat([h, preds[k][:, channels:]], dim=1) for h, k in zip(halves, keys)]
-            return torch.cat(halves)
+            return finite(torch.cat(halves), eps, contributions, active, t, progress)
         guided = self.base.combine(cfg_scale, eps) if cfg_scale is not None else eps["cond"]
         for contribution in contributions:
             guided = guided + contribution
@@ -140,7 +149,22 @@ class GuidedDenoiser:
             guided = rescale_guidance(guided, eps["cond"], self.guidance_rescale)
         if learned_sigma:
             guided = torch.cat([guided, preds["cond"][:, channels:]], dim=1)
-        return guided
+        return finite(guided, eps, contributions, active, t, progress)
+
+
+    def _check_finite(self, out, eps, contributions, active, t, progress) -> torch.Tensor:
+        """``out`` if it is finite or ε_c is not (then the model itself, not guidance, made it so); else the error."""
+        if bool(torch.isfinite(out).all()) or not bool(torch.isfinite(eps["cond"]).all()):
+            return out
+        bad = [m.term for m, c in zip(active, contributions) if not bool(torch.isfinite(c).all())]
+        if "uncond" in eps and not bool(torch.isfinite(eps["uncond"]).all()) and self.base is not None:
+            bad.insert(0, self.base.term)
+        bad = bad or self.terms  # each term finite, their sum not (overflow): all of them
+        tv = t.flatten()[0].item() if torch.is_tensor(t) else t
+        raise NonFiniteGuidance(
+            f"guidance made the prediction NaN/inf at the step with t={tv:g} (progress {progress:.3g}) while the "
+            f"unguided one is finite: from {', '.join(repr(term) for term in bad)}; lower the scale, use "
+            f"float32, or pass check_finite=False to sample anyway")
 
 
 class GuidedModel(torch.nn.Module):

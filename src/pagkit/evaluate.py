@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import guidance as G  # noqa: F401  (kept for callers that reach pagkit.evaluate.G)
 from . import io
+from .denoise import NonFiniteGuidance
 from .methods import METHODS
 
 NULL_CLASS = 10
@@ -263,12 +264,20 @@ class Sweep:
         todo = [(c, k) for c in self.configs if not self.result_path(c).is_file()
                 for k in range(self.num_shards(c)) if not self.shard_path(c, k).is_file()]
         mine = todo[rank::world]
-        made = 0
+        made, failed = 0, set()
         for config, k in tqdm(mine, desc=f"shards (rank {rank})", disable=not self.progress):
             if self.max_new_shards is not None and made >= self.max_new_shards:
                 print(f"stopping after {made} new shards (max_new_shards)")
                 return []
-            self.make_shard(config, k)
+            if config.key in failed or self.result_path(config).is_file():
+                continue
+            try:
+                self.make_shard(config, k)
+            except NonFiniteGuidance as err:  # recorded as failed with the reason, never scored
+                print(f"{config.key}: failed: {err}")
+                io.write_json(self.result_path(config), {"key": config.key, "config": _config_dict(config),
+                                                         "failed": str(err)})
+                failed.add(config.key)
             made += 1
         _barrier(world)
         if rank != 0:
@@ -408,7 +417,9 @@ METRICS = ["fd", "kid", "fd_b", "kid_b", "is", "precision", "recall", "mean_pixe
 
 def flatten(rows: list[dict]) -> list[dict]:
     """results.json rows -> one flat dict per row (COLUMNS + METRICS); a metric a row lacks (``fd_b`` of an
-    Inception sweep) is None, a config field older results lack (``timestep_spacing``) is None."""
+    Inception sweep) is None, a config field older results lack (``timestep_spacing``) is None. Failed
+    configurations (no metrics) are left out."""
+    rows = [r for r in rows if "failed" not in r]
     flat = [{**{c: r["config"].get(c) for c in COLUMNS}, **{m: r["metrics"].get(m) for m in METRICS}} for r in rows]
     for row, r in zip(flat, rows):
         row["layers"] = "+".join(row["layers"])
@@ -434,8 +445,10 @@ def _cell(value, digits: int) -> str:
 
 
 def write_tables(out: Path, rows: list[dict]) -> None:
-    """results.csv / .json / .md and the plots, rebuilt from the finished configurations."""
+    """results.csv / .json / .md and the plots, rebuilt from the finished configurations (those that failed,
+    e.g. with non-finite guidance, are listed with their reason, not scored)."""
     io.write_json(out / "results.json", rows)
+    failed = [r for r in rows if "failed" in r]
     flat = flatten(rows)
     with io.atomic_path(out / "results.csv") as tmp:
         with open(tmp, "w", newline="") as f:
@@ -456,6 +469,8 @@ def write_tables(out: Path, rows: list[dict]) -> None:
             f"{r['is']:.2f}", f"{r['precision']:.3f}",
             f"{r['recall']:.3f}", f"{r['mean_pixel']:.3f}", f"{r['class_tv_distance']:.3f}",
             f"{r['seconds_per_image']:.3f}"]) + " |")
+    if failed:
+        lines += ["", "Failed (not scored):", ""] + [f"- `{r['key']}`: {r['failed']}" for r in failed]
     with io.atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     _plots(out, flat)

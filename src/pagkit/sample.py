@@ -49,7 +49,7 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
            cond: dict | None = None, uncond: dict | None = None,
            height: int | None = None, width: int | None = None, eta: float = 0.0,
            guidance_rescale: float = 0.0, prefix_sharing: bool = True, progress_bar: bool = True,
-           callback=None) -> torch.Tensor:
+           callback=None, check_finite: bool = True) -> torch.Tensor:
     """Draw samples with ``guidance`` (a list of pagkit.CFG/PAG/SEG/SAG terms); returns the final x_0 (model space).
 
     Conditions: ``class_labels`` (with ``null_class_label`` for CFG's ∅), or
@@ -57,14 +57,15 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
     model inputs as ``cond``/``uncond`` dicts. ``eta`` and ``generator`` go to the
     scheduler's step where it takes them (DDIM's η, DDPM's noise).
     ``prefix_sharing=False`` runs every branch in full (see prefix.py; results are the same).
-    ``callback(i, t, x)`` is called after each step.
+    ``callback(i, t, x)`` is called after each step. ``check_finite``: stop with
+    ``pagkit.denoise.NonFiniteGuidance`` where guidance, not the model, makes a step NaN/inf (False: skip).
     """
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     denoiser = GuidedDenoiser(model, guidance, scheduler=scheduler, guidance_rescale=guidance_rescale,
-                              prefix_sharing=prefix_sharing)
+                              prefix_sharing=prefix_sharing, check_finite=check_finite)
     param = next(model.parameters())
     cond = dict(cond or {})
     uncond = None if uncond is None else dict(uncond)
