@@ -307,3 +307,48 @@ def test_bad_arguments_give_one_clear_error_before_sampling():
         pagkit.resolve_layers(wan, "*", kind="bogus")
     with pytest.raises(ValueError, match="its sites are of kind: spatiotemporal"):
         pagkit.resolve_layers(wan, "blocks.0", kind="spatial")
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "ltx"])
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_stg_in_a_video_pipeline_equals_the_official_guidance(name, rescale):
+    """``pagkit.attach`` in CogVideoXPipeline / LTXPipeline (CFG batched as [∅; c]) against a hand-written
+    transformer forward doing what the official STG pipelines do each step: ε_u, ε_c and ε_ptb (the block's forward
+    replaced by hand), then ``_official``; it returns that ε̃ for both halves, so the pipeline's own CFG keeps it."""
+    from test_pipelines_video import _setup as pipeline_setup
+    pipe, kwargs, _, _ = pipeline_setup(name, True)
+    model, w, blocks = pipe.transformer, kwargs["guidance_scale"], ["transformer_blocks.1"]
+
+    def plain_forward(**kw):
+        return type(model).forward(model, **kw)
+
+    def hand(**kw):
+        kw.pop("return_dict", None)
+        rows = kw["hidden_states"].shape[0]
+        eps_u, eps_c = plain_forward(**kw, return_dict=False)[0].chunk(2)
+        cond = {k: v[rows // 2:] if torch.is_tensor(v) and v.ndim and v.shape[0] == rows else v for k, v in kw.items()}
+        for block in blocks:
+            model.get_submodule(block).forward = _identity_forward(model.get_submodule(block))
+        try:
+            eps_ptb = plain_forward(**cond, return_dict=False)[0]
+        finally:
+            for block in blocks:
+                del model.get_submodule(block).forward
+        guided = _official(eps_u, eps_c, eps_ptb, w, 2.0, do_rescaling=rescale > 0)
+        return (torch.cat([guided, guided]),)
+
+    def run(*guidance):
+        if not guidance:
+            return pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames
+        with pagkit.attach(pipe, *guidance):
+            return pipe(**kwargs, generator=torch.Generator().manual_seed(1)).frames
+    model.forward = hand
+    try:
+        expected = run()
+    finally:
+        del model.forward
+    ours = run(pagkit.STG(2.0, layers=blocks, rescale=rescale))
+    plain = run()
+    assert (expected - plain).abs().max() > 1e-3
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+    assert _restored(model)
