@@ -25,13 +25,13 @@ def _sample(model, guidance, steps=4, **kw):
 
 
 def test_every_method_lives_in_its_own_module_and_is_exported():
-    assert set(METHODS) == {"cfg", "pag", "seg", "sag", "slg"}
+    assert set(METHODS) == {"cfg", "pag", "seg", "sag", "slg", "stg"}
     for name, cls in METHODS.items():
         assert cls.__module__ == f"pagkit.methods.{name}"
         assert getattr(pagkit, cls.__name__) is cls
         assert cls.__doc__ and len(cls.__doc__) > 40
-    from pagkit.guidance import CFG, PAG, SAG, SEG, SLG  # the old import path stays
-    assert (CFG, PAG, SEG, SAG, SLG) == (pagkit.CFG, pagkit.PAG, pagkit.SEG, pagkit.SAG, pagkit.SLG)
+    from pagkit.guidance import CFG, PAG, SAG, SEG, SLG, STG  # the old import path stays
+    assert (CFG, PAG, SEG, SAG, SLG, STG) == (pagkit.CFG, pagkit.PAG, pagkit.SEG, pagkit.SAG, pagkit.SLG, pagkit.STG)
 
 
 def test_old_terms_keep_their_arguments_and_defaults():

@@ -20,6 +20,7 @@ import torch
 from .backends import detect
 from .batch import cat_rows
 from .methods import Branch, Context, GuidanceTerm, Step, check_guidance, rescale_guidance
+from .methods.cfg import BoundCFG
 from .methods.sag import NoiseSchedule  # noqa: F401  (re-exported: restore.py and users import it from here)
 from .prefix import prefix_stages, shared_prefix
 from .routing import Segment, routed
@@ -59,6 +60,10 @@ class GuidedDenoiser:
         context = Context(model, self.backend, scheduler)
         self.methods = [term.bind(f"{type(term).__name__.lower()}{i}", context) for i, term in enumerate(self.terms)]
         self.base = next((m for m in self.methods if m.base), None)
+        adjusting = [type(m.term).__name__ for m in self.methods if m.adjusts]
+        if len(adjusting) > 1:
+            raise ValueError(f"{len(adjusting)} terms ({', '.join(adjusting)}) rescale the whole guided prediction; "
+                             "ε̃ is rescaled once: set rescale on one term only")
 
     def branches(self, progress: float, external_cfg: float | None = None
                  ) -> tuple[list[Branch], dict[str, float], float | None]:
@@ -135,8 +140,19 @@ class GuidedDenoiser:
         step = Step(x=x, t=t, inputs=inputs, eps=eps, captured=captured, call=self._call)
         contributions = [m.contribution(scales[m.key], step) for m in active]
         finite = self._check_finite if self.check_finite else (lambda out, *_: out)
+        adjusting = [m for m in active if m.adjusts]
         if external_cfg is not None:
-            cond_out = eps["cond"] + sum(contributions) / external_cfg
+            if adjusting and separate_uncond:
+                raise ValueError(f"{type(adjusting[0].term).__name__}'s rescale needs ε_u and ε_c of one call, but "
+                                 "this pipeline computes ε_u in a call of its own (separate-call CFG: Wan, Flux's "
+                                 "true_cfg_scale); use rescale=0 there")
+            if adjusting:  # the ε_c' for which the caller's ε_u + w(ε_c' − ε_u) is the adjusted ε̃
+                guided = BoundCFG.combine(external_cfg, eps) + sum(contributions)  # the caller's CFG
+                for m in adjusting:
+                    guided = m.adjust(scales[m.key], guided, step)
+                cond_out = eps["uncond"] + (guided - eps["uncond"]) / external_cfg
+            else:
+                cond_out = eps["cond"] + sum(contributions) / external_cfg
             keys = ("cond",) if separate_uncond else ("uncond", "cond")
             halves = [cond_out] if separate_uncond else [eps["uncond"], cond_out]
             if learned_sigma:
@@ -145,12 +161,13 @@ class GuidedDenoiser:
         guided = self.base.combine(cfg_scale, eps) if cfg_scale is not None else eps["cond"]
         for contribution in contributions:
             guided = guided + contribution
+        for m in adjusting:
+            guided = m.adjust(scales[m.key], guided, step)
         if self.guidance_rescale and (scales or cfg_scale is not None):
             guided = rescale_guidance(guided, eps["cond"], self.guidance_rescale)
         if learned_sigma:
             guided = torch.cat([guided, preds["cond"][:, channels:]], dim=1)
         return finite(guided, eps, contributions, active, t, progress)
-
 
     def _check_finite(self, out, eps, contributions, active, t, progress) -> torch.Tensor:
         """``out`` if it is finite or ε_c is not (then the model itself, not guidance, made it so); else the error."""

@@ -14,6 +14,10 @@ path, e.g.
   regex-substring behaviour of diffusers is exactly what this module avoids. A bare block alias selects a
   video block's spatial attention, not its temporal (motion-module) attention; name or glob those.
 
+``kind=`` keeps the sites of one kind (``Site.kind``: ``spatial``, ``temporal``, ``spatiotemporal``, ...);
+with it a bare alias selects every site of that kind in the block (``"mid", kind="temporal"``: the mid block's
+motion-module attention). A kind the model has no site of is an error naming the kinds it has.
+
 An item that selects nothing is an error naming the closest valid names.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .backends import Site, detect
+from .backends import SITE_KINDS, Site, detect
 
 # first alias segment → the path segments it stands for
 ALIAS_SEGMENTS = {
@@ -78,14 +82,15 @@ def _segment_match(pattern: list[str], path: list[str]) -> bool:
     return False
 
 
-def _alias_hits(model: nn.Module, item: str, names: list[str]) -> list[str]:
+def _alias_hits(model: nn.Module, item: str, names: list[str], kind: str | None = None) -> list[str]:
     """The sites an exact name or alias selects. A bare block alias (``mid``, ``down.1``) selects the block's
     spatial attention: its temporal sites (video motion modules) only when it holds nothing else; a name or glob
-    that goes into them (``mid.motion_modules.0``, ``mid_block.motion_modules.*``) reaches them."""
+    that goes into them (``mid.motion_modules.0``, ``mid_block.motion_modules.*``) reaches them. With ``kind``
+    the caller keeps that kind's sites, so nothing is dropped here."""
     parts = item.split(".")
     hits = [n for n in names if _segment_match(parts, n.split("."))]
     bare = parts[0] in ALIAS_SEGMENTS and (len(parts) == 1 or (len(parts) == 2 and parts[1].isdigit()))
-    if bare and item not in names:
+    if bare and item not in names and kind is None:
         kinds = {s.name: s.kind for s in detect(model).sites(model)}
         return [n for n in hits if kinds[n] != "temporal"] or hits
     return hits
@@ -114,14 +119,20 @@ def aliases(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
-def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Names of the self-attention layers that ``selection`` picks, in module order, without repeats."""
+def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...], kind: str | None = None
+                   ) -> list[str]:
+    """Names of the self-attention layers that ``selection`` picks, in module order, without repeats.
+
+    ``kind``: keep only the sites of that kind (see the module docstring); every item must select one."""
     items = [selection] if isinstance(selection, str) else list(selection)
-    names = list(sites(model))
+    found = sites(model)
+    names = list(found)
     if not names:
         raise ValueError(f"{type(model).__name__} has no perturbable attention sites")
     if not items:
         raise ValueError("no layers given; pass a layer name, a glob or an alias such as 'mid'")
+    if kind is not None:
+        check_kind(model, kind)
     chosen: set[str] = set()
     for item in items:
         if not isinstance(item, str) or not item.strip():
@@ -130,11 +141,31 @@ def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...
         if any(c in item for c in "*?["):
             hits = fnmatch.filter(names, item)
         else:
-            hits = _alias_hits(model, item, names)
+            hits = _alias_hits(model, item, names, kind)
         if not hits:
             raise ValueError(_unknown_layer_message(model, item, names))
+        if kind is not None:
+            of_kind = [n for n in hits if found[n].kind == kind]
+            if not of_kind:
+                raise ValueError(f"layer {item!r} selects no {kind} site of {type(model).__name__}, only "
+                                 f"{_kinds_of(hits, found)} ones: {', '.join(hits[:4])}{' …' if len(hits) > 4 else ''}")
+            hits = of_kind
         chosen.update(hits)
     return [n for n in names if n in chosen]
+
+
+def check_kind(model: nn.Module, kind) -> None:
+    """One clear error unless ``model`` has sites of ``kind`` (naming the valid kinds, or the kinds it has)."""
+    if kind not in SITE_KINDS:
+        raise ValueError(f"unknown site kind {kind!r}; valid kinds: {', '.join(SITE_KINDS)}")
+    found = sites(model)
+    if not any(s.kind == kind for s in found.values()):
+        raise ValueError(f"{type(model).__name__} has no {kind} attention sites; its sites are of kind: "
+                         f"{_kinds_of(list(found), found)}")
+
+
+def _kinds_of(names: list[str], found: dict[str, Site]) -> str:
+    return ", ".join(dict.fromkeys(found[n].kind for n in names))
 
 
 def _unknown_layer_message(model: nn.Module, item: str, names: list[str]) -> str:

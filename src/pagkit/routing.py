@@ -88,6 +88,11 @@ class Router:
         if not skips:
             return out
         module = self.model.get_submodule(name)
+        rows = _leading_rows(out)
+        model_rows = None if rows is None else self.backend.module_rows(name, rows, self.batch)
+        if model_rows is not None:  # the block's batch folds frames (AnimateDiff): its rows of each model span
+            model_rows = torch.as_tensor(model_rows)
+            skips = [_span(model_rows, a, b) for a, b in skips]
         return replace_rows(out, self.backend.skip_output(module, args, kwargs, out), skips)
 
     def run_site(self, name: str, forward, args, kwargs):
@@ -162,11 +167,10 @@ class Router:
                 raise ValueError(f"site {site.name}: the backend maps its {batch} attention rows to model rows "
                                  f"{model_rows.tolist()}; pagkit needs one non-decreasing model row per attention row")
 
-            def span(a, b):  # the attention rows of model rows a:b
-                return int((model_rows < a).sum()), int((model_rows < b).sum())
-            segments = [(*span(a, b), p) for a, b, p in segments if span(a, b)[0] < span(a, b)[1]]
+            segments = [(*_span(model_rows, a, b), p) for a, b, p in segments
+                        if _span(model_rows, a, b)[0] < _span(model_rows, a, b)[1]]
             if capture is not None:
-                capture = span(*capture)
+                capture = _span(model_rows, *capture)
 
         def rows(t, a, b):
             return t[a:b] if t is not None and t.ndim == 4 and t.shape[0] == batch else t
@@ -200,6 +204,20 @@ class Router:
         if pos < batch:
             pieces.append(plain(pos, batch))
         return torch.cat(pieces)
+
+
+def _span(model_rows: torch.Tensor, a: int, b: int) -> tuple[int, int]:
+    """The rows (of a call whose row r is model row ``model_rows[r]``, non-decreasing) of model rows a:b."""
+    return int((model_rows < a).sum()), int((model_rows < b).sum())
+
+
+def _leading_rows(out) -> int | None:
+    """The batch rows of a module's output: its tensor's, or its first tensor's (tuples, diffusers outputs)."""
+    if torch.is_tensor(out):
+        return out.shape[0]
+    values = out.values() if hasattr(out, "to_tuple") and hasattr(out, "keys") else \
+        out if isinstance(out, (list, tuple)) else ()
+    return next((v.shape[0] for v in values if torch.is_tensor(v) and v.ndim > 0), None)
 
 
 def _attention_received(q, k, mask, scale) -> torch.Tensor:

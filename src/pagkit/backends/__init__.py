@@ -21,6 +21,7 @@ one new file with a ``Backend`` subclass, registered with ``@register``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -178,6 +179,12 @@ class Backend:
         raise ValueError(f"pagkit cannot skip {type(module).__name__} blocks of the {self.name} family: it does not "
                          "know which of their inputs each output is (Backend.skip_output)")
 
+    def module_rows(self, name: str, module_batch: int, model_batch: int | None):
+        """The model-batch row of each row of a routed block's batch (for ``SKIP``), as ``attention_rows`` for
+        sites; None (the default) when they are the model's rows. A family that folds frames into the batch of
+        its blocks says so here."""
+        return None
+
     def learned_sigma(self, model: nn.Module) -> bool:
         """Whether the output holds ε and a variance (2C channels, as DiT/ADM); only ε is guided."""
         config = getattr(model, "config", {})
@@ -195,6 +202,14 @@ class Backend:
                 raise ValueError("the model's config has no sample_size; pass height= and width=")
             height, width = height or size[0], width or size[1]
         return (batch_size, config.get("in_channels"), height, width)
+
+
+def skip_video_and_text(module: nn.Module, args: tuple, kwargs: dict, out):
+    """``skip_output`` of a video family's joint block (CogVideoX, Mochi, HunyuanVideo double- and single-stream):
+    it returns (hidden_states, encoder_hidden_states), so a skipped one returns both as they came in (as the
+    official STG code's ``forward_with_stg``)."""
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+    return bound["hidden_states"], bound["encoder_hidden_states"]
 
 
 BACKENDS: list[Backend] = []

@@ -15,7 +15,8 @@ AnimateDiff PAG default ``"mid_block.*attn1"`` also takes the mid block's tempor
 
 The call convention folds frames into ``encoder_hidden_states`` too (the pipeline repeats each prompt F times,
 (b f) order): ``per_sample_inputs`` unfolds it to (B, F, S, C), one row per sample, and ``call`` folds it back.
-Every stage of the model runs on the folded batch, so there is no stage list: prefix sharing falls back to the
+Skippable blocks (SLG, STG-R) are the spatial transformers and the motion modules; they too run on the folded
+batch (``module_rows``). Every stage of the model runs on the folded batch, so there is no stage list: prefix sharing falls back to the
 plain batched pass (same results) with one warning.
 Latents are (B, C, F, H, W).
 """
@@ -57,13 +58,21 @@ class AnimateDiffBackend(UNetBackend):
         return ForwardInfo(hw=hw, frames=16)  # AnimateDiff's default num_frames
 
     def attention_rows(self, site, call, attention_batch, model_batch):
-        if model_batch is None:
-            return None
-        if attention_batch % model_batch:
-            raise ValueError(f"AnimateDiff site {site.name}: {attention_batch} attention rows do not fold "
-                             f"{model_batch} samples")
-        per = attention_batch // model_batch
-        return [r // per for r in range(attention_batch)]
+        return _fold(f"site {site.name}", attention_batch, model_batch)
+
+    def skip_blocks(self, model):
+        """The blocks holding a site, in forward order: the spatial transformers (``*.attentions.N``) and the
+        motion modules (``*.motion_modules.N``, temporal); each maps its input to an output of the same shape."""
+        out = []
+        for site in self.sites(model):
+            parts = site.name.split(".")
+            for segment in ("attentions", "motion_modules"):
+                if segment in parts and parts.index(segment) + 1 < len(parts):
+                    out.append(".".join(parts[:parts.index(segment) + 2]))
+        return list(dict.fromkeys(out))
+
+    def module_rows(self, name, module_batch, model_batch):
+        return _fold(f"block {name}", module_batch, model_batch)
 
     def per_sample_inputs(self, model, x, kwargs):
         ehs = kwargs.get("encoder_hidden_states")
@@ -81,3 +90,13 @@ class AnimateDiffBackend(UNetBackend):
     def sample_shape(self, model, batch_size, height, width):
         raise ValueError("AnimateDiff is a video model: sample through diffusers' AnimateDiffPipeline with "
                          "pagkit.attach(pipe, ...)")
+
+
+def _fold(what: str, rows: int, model_batch: int | None):
+    """Model row of each row of a (b f) or (b h w) folded batch: the sample is outermost."""
+    if model_batch is None:
+        return None
+    if rows % model_batch:
+        raise ValueError(f"AnimateDiff {what}: {rows} rows do not fold {model_batch} samples")
+    per = rows // model_batch
+    return [r // per for r in range(rows)]

@@ -9,7 +9,7 @@ is shared by every sample.
 """
 from __future__ import annotations
 
-from . import Backend, ForwardInfo, Site, register
+from . import Backend, ForwardInfo, Site, register, skip_video_and_text
 
 
 @register
@@ -43,6 +43,8 @@ class CogVideoXBackend(Backend):
         c = model.config  # sample_frames counts video frames: latents are (frames - 1) / compression + 1
         latent = (c.sample_frames - 1) // c.temporal_compression_ratio + 1
         return ForwardInfo(hw=(c.sample_height, c.sample_width), frames=self._frames(model, latent))
+
+    skip_output = staticmethod(skip_video_and_text)  # STG-R / SLG: a skipped block returns both streams
 
     def learned_sigma(self, model):
         return False

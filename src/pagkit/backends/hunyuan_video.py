@@ -12,7 +12,7 @@ Latents are (B, C, F, H, W); the grid is F/p_t × H/p × W/p. The rotary table (
 """
 from __future__ import annotations
 
-from . import Backend, ForwardInfo, Site, register
+from . import Backend, ForwardInfo, Site, register, skip_video_and_text
 
 
 @register
@@ -40,6 +40,8 @@ class HunyuanVideoBackend(Backend):
         if x.ndim != 5:
             return ForwardInfo()
         return ForwardInfo(hw=tuple(x.shape[-2:]), frames=x.shape[2] // model.config.patch_size_t)
+
+    skip_output = staticmethod(skip_video_and_text)  # STG-R / SLG: a skipped block returns both streams
 
     def learned_sigma(self, model):
         return False

@@ -10,7 +10,7 @@ temporal patching). The rotary table (``image_rotary_emb``) is shared by every s
 """
 from __future__ import annotations
 
-from . import Backend, ForwardInfo, Site, register
+from . import Backend, ForwardInfo, Site, register, skip_video_and_text
 
 
 @register
@@ -38,6 +38,8 @@ class MochiBackend(Backend):
         if attention_batch != 1:
             raise ValueError(f"Mochi site {site.name}: expected one sample per attention call, got {attention_batch}")
         return [call]
+
+    skip_output = staticmethod(skip_video_and_text)  # STG-R / SLG: a skipped block returns both streams
 
     def learned_sigma(self, model):
         return False

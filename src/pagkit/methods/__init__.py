@@ -8,6 +8,9 @@ method     formula                                     scale convention
 ``SEG``    + γ(ε_c − ε_seg), queries blurred           γ; 0 is off
 ``SAG``    + s(ε(x_t) − ε(x̃_t)), an extra pass          s; 0 is off
 ``SLG``    + s(ε_c − ε_skip), blocks skipped           s, diffusers' ``skip_layer_guidance_scale``; 0 is off
+``STG``    + s(ε_c − ε_ptb), video blocks skipped      s, the official ``stg_scale``; 0 is off
+           (STG-R) or their attention → identity
+           (STG-A); optional std rescale
 =========  ==========================================  =====================================================
 
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
@@ -21,8 +24,9 @@ from .pag import PAG
 from .sag import SAG, NoiseSchedule
 from .seg import SEG
 from .slg import SLG
+from .stg import STG
 
-METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG}
+METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG, "stg": STG}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast",
-           "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "GuidanceTerm", "Bound", "Branch", "Context",
+           "Contrast", "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]

@@ -10,7 +10,9 @@ which the denoiser asks, at each step where the term is active:
   ``routing.SkipBlock``) routed onto those rows;
 * ``captures(branch_names)``: sites whose attention map it reads, and on which branch's rows;
 * ``contribution(scale, step)``: its term of ε̃ from the branch predictions (``Step``), possibly after extra
-  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's).
+  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's);
+* ``adjust(scale, guided, step)``, where ``adjusts`` is set: a rule on the whole ε̃ once every contribution is
+  in (STG's std rescale); at most one bound term per denoiser adjusts.
 
 The denoiser always runs the conditional branch ``"cond"``, and the unconditional branch ``"uncond"`` when a
 method with ``base = True`` (CFG) is active or the caller (a pipeline) does CFG itself. ε̃ is the base
@@ -122,6 +124,7 @@ class Bound:
 
     base = False  # supplies the base of ε̃ from the unconditional and conditional branches (CFG)
     order = 0  # 0: computed from the batched forward; 1: after it, with extra passes of its own
+    adjusts = False  # whether ``adjust`` changes the whole ε̃ after the contributions (STG's rescale)
 
     def __init__(self, term: GuidanceTerm, key: str):
         self.term, self.key = term, key
@@ -134,6 +137,10 @@ class Bound:
 
     def contribution(self, scale: float, step: Step) -> torch.Tensor:
         raise NotImplementedError
+
+    def adjust(self, scale: float, guided: torch.Tensor, step: Step) -> torch.Tensor:
+        """ε̃ after every contribution, changed by this term as a whole (where ``adjusts``); default unchanged."""
+        return guided
 
 
 class Contrast(Bound):

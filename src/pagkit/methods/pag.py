@@ -49,9 +49,10 @@ class PAG(GuidanceTerm):
         return attention_contrast(self, key, context)
 
 
-def attention_contrast(term, key: str, context) -> Contrast:
-    """A contrast branch with ``term.make_perturbation()`` at the sites ``term.layers`` selects; the perturbation
-    is built once per bound term, so the random ablations keep one RNG stream each."""
-    sites = resolve_layers(context.model, term.layers)
+def attention_contrast(term, key: str, context, layers=None, contrast=Contrast) -> Contrast:
+    """A contrast branch with ``term.make_perturbation()`` at the sites ``layers`` (default ``term.layers``)
+    selects, of kind ``term.kind`` where the term has one; the perturbation is built once per bound term, so the
+    random ablations keep one RNG stream each. ``contrast``: the ``Contrast`` class to bind (STG's rescales)."""
+    sites = resolve_layers(context.model, term.layers if layers is None else layers, kind=getattr(term, "kind", None))
     perturbation = term.make_perturbation()
-    return Contrast(term, key, {name: perturbation for name in sites})
+    return contrast(term, key, {name: perturbation for name in sites})

@@ -52,14 +52,7 @@ class SLG(GuidanceTerm):
 
     def __post_init__(self):
         super().__post_init__()
-        items = _items(self.layers)
-        if not items:
-            raise ValueError("SLG needs at least one block to skip")
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, (int, str)) or \
-                    (isinstance(item, int) and item < 0) or (isinstance(item, str) and not item.strip()):
-                raise ValueError(f"SLG layers are block indices (>= 0), block names or layer selections; "
-                                 f"got {item!r}")
+        check_blocks("SLG", self.layers)
 
     def in_interval(self, progress):
         return self.start < progress < self.stop
@@ -69,12 +62,27 @@ class SLG(GuidanceTerm):
         return Contrast(self, key, {name: SKIP for name in blocks})
 
 
+def check_blocks(method: str, selection) -> None:
+    """One clear error unless ``selection`` is block indices (>= 0), block names or layer selections."""
+    items = _items(selection)
+    if not items:
+        raise ValueError(f"{method} needs at least one block (layers=...)")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, str)) or \
+                (isinstance(item, int) and item < 0) or (isinstance(item, str) and not item.strip()):
+            raise ValueError(f"{method} layers are block indices (>= 0), block names or layer selections; "
+                             f"got {item!r}")
+
+
 def _items(selection) -> list:
     return [selection] if isinstance(selection, (int, str)) else list(selection)
 
 
-def resolve_blocks(model, backend, selection) -> list[str]:
-    """The names of the blocks ``selection`` picks (see the module docstring), in forward order."""
+def resolve_blocks(model, backend, selection, kind: str | None = None) -> list[str]:
+    """The names of the blocks ``selection`` picks (see the module docstring), in forward order.
+
+    ``kind``: only blocks holding a site of that kind (``Site.kind``); a layer selection picks the blocks holding
+    its sites of that kind, and a block given by index or name must hold one."""
     blocks = backend.skip_blocks(model)
     if not blocks:
         raise ValueError(f"pagkit knows no blocks it can skip in {type(model).__name__} ({backend.name} family)")
@@ -95,9 +103,15 @@ def resolve_blocks(model, backend, selection) -> list[str]:
                                  f"{', '.join(blocks[:6])}{' …' if len(blocks) > 6 else ''}")
             chosen.update(hits)
         else:
-            for site in resolve_layers(model, item):
+            for site in resolve_layers(model, item, kind=kind):
                 holders = [b for b in blocks if site == b or site.startswith(b + ".")]
                 if not holders:
                     raise ValueError(f"SLG: site {site} (from {item!r}) lies in no block pagkit can skip")
                 chosen.add(max(holders, key=len))
+    if kind is not None:
+        of_kind = resolve_layers(model, "*", kind=kind)  # one clear error if the model has no such site
+        for block in chosen:
+            if not any(s == block or s.startswith(block + ".") for s in of_kind):
+                raise ValueError(f"block {block} holds no {kind} attention site; blocks with {kind} sites: "
+                                 f"{', '.join(b for b in blocks if any(s.startswith(b + '.') for s in of_kind))}")
     return [b for b in blocks if b in chosen]
