@@ -8,19 +8,25 @@ method     formula                                     scale convention
 ``SEG``    + γ(ε_c − ε_seg), queries blurred           γ; 0 is off
 ``SAG``    + s(ε(x_t) − ε(x̃_t)), an extra pass          s; 0 is off
 ``SLG``    + s(ε_c − ε_skip), blocks skipped           s, diffusers' ``skip_layer_guidance_scale``; 0 is off
+``AutoG``  + (w − 1)(ε_c − ε_weak), a weaker model      Karras' w (ε_weak + w(ε − ε_weak)); 1 is off
 =========  ==========================================  =====================================================
+
+``AutoG`` is ``AutoGuidance`` (Karras et al. 2024): ε_weak is a weaker model's, under the condition c, in a
+pass of its own.
 
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
 ``GuidanceTerm`` subclass whose ``bind`` returns a ``base.Bound`` (see base.py), and one entry in ``METHODS``.
 """
 from .base import Bound, Branch, Context, Contrast, GuidanceTerm, Step, check_guidance, combine, rescale_guidance
+from .autoguidance import AutoGuidance
 from .cfg import CFG
 from .pag import PAG
 from .sag import SAG, NoiseSchedule
 from .seg import SEG
 from .slg import SLG
 
-METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG}
+METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG,
+                                      "autoguidance": AutoGuidance}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast",
-           "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "AutoGuidance", "GuidanceTerm", "Bound", "Branch",
+           "Context", "Contrast", "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
