@@ -13,7 +13,8 @@ model predicts. pagkit applies it to the model's own output:
 
     ε̃ = ε₀ + w(ε₁ − ε₀) = ε₁ + (w − 1)(ε₁ − ε₀)
 
-``scale`` is Karras' w: 1 is off (``neutral = 1.0``); EDM2's presets use w = 1.7–2.9 (ImageNet-512, conditional: 2.05–2.45).
+``scale`` is Karras' w: 1 is off (``neutral = 1.0``); EDM2's presets use w = 1.7–2.9 (ImageNet-512,
+conditional: 2.05–2.45).
 
 **With CFG.** EDM2 uses autoguidance *instead of* CFG (its CFG presets are the same sampler with an
 unconditional ``gnet``). With both, pagkit adds autoguidance's term to the CFG base:
@@ -51,8 +52,8 @@ INTERFACE_KEYS = (
 class AutoGuidance(GuidanceTerm):
     """Autoguidance (Karras et al. 2024): ε̃ = ε_weak + w(ε − ε_weak), ``weak_model`` under the same condition.
 
-    ``scale``: w (1 = off; EDM2's conditional ImageNet-512 presets 2.05–2.45). ``weak_model``: the guiding model D₀, a weaker version of
-    the main one (fewer parameters or fewer training steps) of the same family and call convention, taking the
+    ``scale``: w (1 = off; EDM2's conditional ImageNet-512 presets 2.05–2.45). ``weak_model``: the guiding
+    model D₀, a weaker version of the main one (fewer parameters or fewer training steps) of the same family and call convention, taking the
     same inputs and predicting the same quantity. It runs in eval mode (its modules' training flags are put
     back afterwards) and is never modified. With CFG: ε̃ = CFG + (w − 1)(ε_c − ε_weak,c).
     """
