@@ -53,9 +53,10 @@ class AutoGuidance(GuidanceTerm):
     """Autoguidance (Karras et al. 2024): ε̃ = ε_weak + w(ε − ε_weak), ``weak_model`` under the same condition.
 
     ``scale``: w (1 = off; EDM2's conditional ImageNet-512 presets 2.05–2.45). ``weak_model``: the guiding
-    model D₀, a weaker version of the main one (fewer parameters or fewer training steps) of the same family and call convention, taking the
-    same inputs and predicting the same quantity. It runs in eval mode (its modules' training flags are put
-    back afterwards) and is never modified. With CFG: ε̃ = CFG + (w − 1)(ε_c − ε_weak,c).
+    model D₀, a weaker version of the main one (fewer parameters or fewer training steps) of the same family
+    and call convention, taking the same inputs and predicting the same quantity. It runs in eval mode (its
+    modules' training flags are put back afterwards) and is never modified.
+    With CFG: ε̃ = CFG + (w − 1)(ε_c − ε_weak,c).
     """
 
     scale: float = 2.0
