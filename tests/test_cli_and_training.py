@@ -75,3 +75,49 @@ def test_training_resumes_exactly_from_its_checkpoint(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = io.read_json(tmp_path / "resumed" / "summary.json")
     assert summary["steps"] == 4 and summary["images_seen"] == 32 and summary["finished"]
+
+
+def test_stop_at_step_gives_the_full_runs_snapshot_exports_it_and_resumes_to_the_end(tmp_path, monkeypatch):
+    """The weak model for autoguidance (fmnist-weak): a run stopped at its 25% milestone has the uninterrupted
+    run's ema-25pct, bit for bit (same data order, lr schedule on max_steps, EMA); exported with its card, it is
+    found as a shipped model; run again without the stop, it ends where the uninterrupted run did."""
+    from pagkit import load
+    from pagkit.train import export_model
+
+    def weights(folder):
+        return io.load_tensors(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    common = dict(size="tiny", batch_size=8, max_steps=8, warmup_steps=2, checkpoint_every=4, milestones=(0.25, 1.0))
+    full = train(TrainConfig(out=str(tmp_path / "full"), **common))
+    stopped = train(TrainConfig(out=str(tmp_path / "weak"), stop_at_step=2, **common))
+    snapshot = weights(tmp_path / "weak" / "ema-25pct")
+    assert same(weights(tmp_path / "full" / "ema-25pct"), snapshot)
+    assert same(weights(stopped), snapshot) and not same(weights(full), snapshot)
+    assert io.read_json(tmp_path / "weak" / "checkpoint" / "state.json")["step"] == 2
+    summary = io.read_json(tmp_path / "weak" / "summary.json")
+    assert summary["steps"] == 2 and not summary["finished"]
+
+    shipped = tmp_path / "models"
+    with pytest.raises(ValueError, match="has not finished"):
+        export_model(tmp_path / "weak", shipped / "fmnist-weak", command="train")
+    with pytest.raises(ValueError, match="no EMA snapshot 'ema-50pct' \\(snapshots: ema-25pct\\)"):
+        export_model(tmp_path / "weak", shipped / "fmnist-weak", command="train", snapshot="ema-50pct")
+    monkeypatch.setattr(load, "SHIPPED_DIR", shipped)
+    with pytest.raises(FileNotFoundError, match="fmnist-weak is the fmnist run's EMA snapshot.*stop_at_step=1500"):
+        load.load_model("fmnist-weak")
+    export_model(tmp_path / "weak", shipped / "fmnist-weak", command="train --stop-at-step 2", snapshot="ema-25pct")
+    card = io.read_json(shipped / "fmnist-weak" / "card.json")
+    assert (card["steps"], card["images_seen"]) == (2, 16) and card["final_loss"] and card["training_seconds"] >= 0
+    assert card["snapshot"] == {"name": "ema-25pct", "step": 2, "fraction": 0.25, "max_steps": 8}
+    assert not (shipped / "fmnist-weak" / "snapshot.json").exists()
+    assert list(load.shipped_models()) == ["fmnist-weak"]
+    model = load.load_model("fmnist-weak")
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+    resumed = train(TrainConfig(out=str(tmp_path / "weak"), **common))
+    assert same(weights(resumed), weights(full))
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match="stop_at_step must be an integer in \\[1, max_steps=8\\]"):
+            TrainConfig(out="x", max_steps=8, stop_at_step=bad)

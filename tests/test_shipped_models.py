@@ -6,10 +6,14 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 
 import pagkit
-from pagkit.load import load_model, shipped_models
+from pagkit.load import load_model, load_scheduler, shipped_models
 
 
-@pytest.mark.parametrize("name", ["fmnist", "fmnist-cond"])
+WEAK_MISSING = pytest.mark.skipif("fmnist-weak" not in shipped_models(),
+                                  reason="fmnist-weak is not trained in this copy (see pagkit.load.TO_TRAIN)")
+
+
+@pytest.mark.parametrize("name", ["fmnist", "fmnist-cond", pytest.param("fmnist-weak", marks=WEAK_MISSING)])
 def test_shipped_model_loads_and_matches_its_card(name):
     folder = shipped_models()[name]
     card = json.loads((folder / "card.json").read_text())
@@ -36,3 +40,17 @@ def test_shipped_unconditional_model_runs_in_diffusers_pipelines_with_attach(pip
         guided = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     assert plain.shape == guided.shape == (2, 32, 32, 1)
     assert abs(plain - guided).max() > 1e-3
+
+
+@WEAK_MISSING
+def test_shipped_weak_model_is_the_25pct_snapshot_and_guides_fmnist():
+    card = json.loads((shipped_models()["fmnist-weak"] / "card.json").read_text())
+    assert card["snapshot"] == {"name": "ema-25pct", "step": 1500, "fraction": 0.25, "max_steps": 6000}
+    model, weak = load_model("fmnist"), load_model("fmnist-weak")
+    assert card["unet_config"] == json.loads((shipped_models()["fmnist"] / "card.json").read_text())["unet_config"]
+    scheduler = load_scheduler("fmnist", "ddim")
+    kw = dict(batch_size=2, num_inference_steps=3, progress_bar=False)
+    plain = pagkit.sample(model, scheduler, generator=torch.Generator().manual_seed(0), **kw)
+    guided = pagkit.sample(model, scheduler, guidance=[pagkit.AutoGuidance(2.0, weak)],
+                           generator=torch.Generator().manual_seed(0), **kw)
+    assert (guided - plain).abs().max() > 1e-3

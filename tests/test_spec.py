@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from diffusers import DDIMScheduler, DDPMPipeline
 from PIL import Image
 
@@ -18,7 +19,7 @@ from pagkit.spec import format_spec, label, parse_spec, parse_term
 def _default_term(cls):
     try:
         return cls()
-    except TypeError:  # a method whose defaults need an object (a weak model): not writable as text
+    except (TypeError, ValueError):  # a method that needs an argument (AutoGuidance's weak model)
         return None
 
 
@@ -81,6 +82,15 @@ def test_sample_rows_come_from_guidance_specs(model_dir, tmp_path, capsys):
     assert "SLG 1 (start=0, stop=1, layers=mid)" in printed
     assert "SEG" not in printed  # the user's rows replace the default ones
     assert Image.open(out_png).size[1] == 3 * (16 * 3 + 2) + 2
+
+
+def test_a_model_argument_is_given_by_name_or_folder(model_dir):
+    term = parse_term(f"autoguidance:1.5,weak_model={model_dir}")
+    assert isinstance(term.module, torch.nn.Module) and term.scale == 1.5
+    assert parse_spec(format_spec([term])) == [term]
+    given = pagkit.AutoGuidance(1.5, weak_model=term.module)
+    with pytest.raises(ValueError, match="weak_model is a UNet2DModel, which has no text form"):
+        format_spec([given])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -9,6 +9,8 @@ Scale conventions (the papers'):
 * SLG:  ε̃ = ε + s·(ε − ε_skip). ``scale`` is s, diffusers' ``skip_layer_guidance_scale``; 0 is off.
 * STG:  ε̃ = ε + s·(ε − ε_ptb), video blocks skipped or their attention → identity. ``scale`` is the official
   ``stg_scale``; 0 is off.
+* AutoGuidance: ε̃ = ε_weak + w·(ε − ε_weak) = ε + (w − 1)(ε − ε_weak), ε_weak from a weaker model under the
+  same condition. ``scale`` is Karras' w; w = 1 is off.
 
 With CFG, the perturbed branches use the condition c, so
 ε̃ = ε_u + w(ε_c − ε_u) + Σ_k s_k(ε_c − ε̂_c,k), which is what diffusers' PAG pipelines compute.
@@ -20,9 +22,9 @@ scale costs no forward work at that step.
 
 This module re-exports them; each method's own module in ``pagkit.methods`` documents it.
 """
-from .methods import (CFG, METHODS, PAG, SAG, SEG, SLG, STG, GuidanceTerm, check_guidance, combine,  # noqa: F401
-                      rescale_guidance)
+from .methods import (CFG, METHODS, PAG, SAG, SEG, SLG, STG, AutoGuidance, GuidanceTerm,  # noqa: F401
+                      check_guidance, combine, rescale_guidance)
 from .methods.base import _check_number  # noqa: F401
 
-__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "METHODS", "GuidanceTerm", "check_guidance", "combine",
-           "rescale_guidance"]
+__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "AutoGuidance", "METHODS", "GuidanceTerm", "check_guidance",
+           "combine", "rescale_guidance"]

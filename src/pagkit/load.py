@@ -21,7 +21,18 @@ SCHEDULERS = {
 }
 
 
+# models pagkit ships once they are trained here (their weights are not in every copy): how to make each one
+TO_TRAIN = {
+    "fmnist-weak": "the fmnist run's EMA snapshot at 25% of its first budget (step 1500 of --max-steps 6000), the "
+                   "weak model for pagkit.AutoGuidance; train it with pagkit.train.train(TrainConfig(out=...,"
+                   " max_steps=6000, stop_at_step=1500)) and export_model(..., snapshot=\"ema-25pct\") into "
+                   "src/pagkit/models/fmnist-weak",
+}
+
+
 def shipped_models() -> dict[str, Path]:
+    """The shipped models by name: every folder under ``models/`` that is a diffusers pipeline (a
+    ``model_index.json``), with its card (``card.json``, ``README.md``), e.g. fmnist, fmnist-cond, fmnist-weak."""
     if not SHIPPED_DIR.is_dir():
         return {}
     return {p.name: p for p in sorted(SHIPPED_DIR.iterdir()) if (p / "model_index.json").is_file()}
@@ -34,8 +45,9 @@ def resolve_model_path(model: str | Path) -> Path:
     path = Path(model)
     if not path.exists():
         names = ", ".join(shipped) or "none yet"
+        hint = f"; {model} is {TO_TRAIN[model]}" if isinstance(model, str) and model in TO_TRAIN else ""
         raise FileNotFoundError(f"model {str(model)!r} not found: not a folder, and not a shipped model "
-                                f"(shipped: {names})")
+                                f"(shipped: {names}){hint}")
     if not path.is_dir():
         raise NotADirectoryError(f"model path {str(path)!r} is a file; give the diffusers model or pipeline folder")
     return path

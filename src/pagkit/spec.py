@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from .methods import METHODS, GuidanceTerm
 
@@ -119,7 +120,7 @@ def _text(value) -> str:
         return "inf" if math.isinf(value) else f"{value:g}"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return "none" if value is None else str(value)
+    return "none" if value is None else str(value)  # str, int, a path
 
 
 def _changed(term: GuidanceTerm, always=("scale",)) -> dict:
@@ -137,6 +138,10 @@ def _changed(term: GuidanceTerm, always=("scale",)) -> dict:
 def format_term(term: GuidanceTerm) -> str:
     name = next(k for k, cls in METHODS.items() if type(term) is cls)
     changed = _changed(term)
+    for key, value in changed.items():
+        if not isinstance(value, (bool, int, float, str, list, tuple, type(None), os.PathLike)):
+            raise ValueError(f"{type(term).__name__} {key} is a {type(value).__name__}, which has no text form; "
+                             f"give it by name or path (e.g. weak_model=fmnist-weak)")
     parts = [_text(changed.pop("scale"))] + [f"{k}={_text(v)}" for k, v in changed.items()]
     return f"{name}:{','.join(parts)}"
 

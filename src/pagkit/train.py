@@ -70,6 +70,17 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.25, 0.5, 1.0)  # EMA snapshots kept at these fractions of max_steps
     data_dir: str | None = None
     extra: dict = field(default_factory=dict)
+    stop_at_step: int | None = None
+    """Stop after this step (with a checkpoint), leaving the learning-rate schedule and the milestones on
+    ``max_steps``: the steps run are those of the full run, and running again without it resumes to the end.
+    ``max_steps=6000, stop_at_step=1500`` gives the shipped ``fmnist`` run's ``ema-25pct`` snapshot (its first
+    2000 steps ran with ``--max-steps 6000``), the weak model ``fmnist-weak`` for autoguidance."""
+
+    def __post_init__(self):
+        if self.stop_at_step is not None and not (isinstance(self.stop_at_step, int)
+                                                  and 1 <= self.stop_at_step <= self.max_steps):
+            raise ValueError(f"stop_at_step must be an integer in [1, max_steps={self.max_steps}], "
+                             f"got {self.stop_at_step!r}")
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -152,17 +163,20 @@ def train(cfg: TrainConfig) -> Path:
             "step": step, "seconds": seconds_before + time.time() - t_start, "log": log, "running_loss": running,
             "ema_optimization_step": ema.optimization_step, "optimizer": opt_meta, "config": asdict(cfg)})
 
-    def write_ema_pipeline(folder: Path):
+    def write_ema_pipeline(folder: Path, snapshot: dict | None = None):
         ema_unet = UNet2DModel(**unet_config(cfg.conditional, cfg.size))
         ema.copy_to(ema_unet.parameters())
         save_pipeline(ema_unet, scheduler, folder)
+        if snapshot is not None:  # what export_model(snapshot=...) writes on the card
+            io.write_json(folder / "snapshot.json", snapshot)
 
     alphas_cumprod = scheduler.alphas_cumprod
     t_start = time.time()
     milestone_steps = {round(f * cfg.max_steps): f for f in cfg.milestones}
+    end = cfg.max_steps if cfg.stop_at_step is None else cfg.stop_at_step
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     unet.train()
-    while step < cfg.max_steps:
+    while step < end:
         x0, y, noise, t = _batch(step, images, labels, cfg)
         a = alphas_cumprod[t].sqrt()[:, None, None, None]
         s = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
@@ -185,14 +199,19 @@ def train(cfg: TrainConfig) -> Path:
                         "seconds": round(seconds_before + time.time() - t_start, 1)})
         out_of_time = (cfg.time_budget_min is not None
                        and seconds_before + time.time() - t_start > 60 * cfg.time_budget_min)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
+        if step % cfg.checkpoint_every == 0 or step == end or out_of_time:
             write_checkpoint()
         if step in milestone_steps:
-            write_ema_pipeline(out / f"ema-{int(round(100 * milestone_steps[step]))}pct")
+            seconds = round(seconds_before + time.time() - t_start, 1)
+            write_ema_pipeline(out / f"ema-{int(round(100 * milestone_steps[step]))}pct",
+                               {"step": step, "fraction": milestone_steps[step], "max_steps": cfg.max_steps,
+                                "seconds": seconds, "loss": round(running, 5)})
         if out_of_time:
             print(f"time budget of {cfg.time_budget_min} min reached at step {step}; run again to resume")
             break
     bar.close()
+    if step < cfg.max_steps and step == end:
+        print(f"stopped at step {step} of {cfg.max_steps} (stop_at_step); run again without it to resume")
     final = out / "final"
     write_ema_pipeline(final)
     summary = {
@@ -207,20 +226,33 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
-def export_model(run_dir: str | Path, dest: str | Path, *, command: str, notes: str = "") -> Path:
+def export_model(run_dir: str | Path, dest: str | Path, *, command: str, notes: str = "",
+                 snapshot: str | None = None) -> Path:
     """Copy a finished run's EMA pipeline to ``dest`` with a model card (``README.md`` + ``card.json``).
 
     ``notes``: anything about the run the numbers do not say (e.g. a budget changed on resume).
+    ``snapshot``: export the run's EMA snapshot of that name instead (``"ema-25pct"``: the weak model for
+    autoguidance); the run need not have finished, and the card gives the snapshot's step, loss and time.
     """
     import json
     import shutil
     run_dir, dest = Path(run_dir), Path(dest)
     summary = io.read_json(run_dir / "summary.json")
-    if not summary.get("finished"):
+    source = run_dir / "final"
+    if snapshot is not None:
+        source = run_dir / snapshot
+        if not (source / "snapshot.json").is_file():
+            found = sorted(p.name for p in run_dir.glob("ema-*pct") if (p / "snapshot.json").is_file())
+            raise ValueError(f"{run_dir} has no EMA snapshot {snapshot!r} (snapshots: {', '.join(found) or 'none'})")
+        taken = io.read_json(source / "snapshot.json")
+        summary = {**summary, "steps": taken["step"], "images_seen": taken["step"] * summary["config"]["batch_size"],
+                   "seconds": taken["seconds"], "final_loss_ema100": taken["loss"]}
+    elif not summary.get("finished"):
         raise ValueError(f"{run_dir} has not finished training ({summary['steps']} steps); resume it first")
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run_dir / "final", tmp)
+    shutil.copytree(source, tmp)
+    (tmp / "snapshot.json").unlink(missing_ok=True)
     unet_config = json.loads((tmp / "unet" / "config.json").read_text())
     cfg = summary["config"]
     card = {
@@ -233,6 +265,8 @@ def export_model(run_dir: str | Path, dest: str | Path, *, command: str, notes: 
         "null_class": NULL_CLASS if cfg["conditional"] else None, "threads": cfg["threads"],
         "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")}, "notes": notes,
     }
+    if snapshot is not None:  # which EMA snapshot of which budget: steps alone do not say (the lr schedule does)
+        card["snapshot"] = {"name": snapshot, **{k: taken[k] for k in ("step", "fraction", "max_steps")}}
     io.write_json(tmp / "card.json", card)
     kind = (f"class-conditional ({NUM_CLASSES} classes + null class {NULL_CLASS} for CFG, "
             f"label dropout {cfg['label_dropout']:.0%})" if cfg["conditional"] else "unconditional")

@@ -11,7 +11,11 @@ method     formula                                     scale convention
 ``STG``    + s(ε_c − ε_ptb), video blocks skipped      s, the official ``stg_scale``; 0 is off
            (STG-R) or their attention → identity
            (STG-A); optional std rescale
+``AutoG``  + (w − 1)(ε_c − ε_weak), a weaker model      Karras' w (ε_weak + w(ε − ε_weak)); 1 is off
 =========  ==========================================  =====================================================
+
+``AutoG`` is ``AutoGuidance`` (Karras et al. 2024): ε_weak is a weaker model's, under the condition c, in a
+pass of its own.
 
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
 ``GuidanceTerm`` subclass whose ``bind`` returns a ``base.Bound`` (see base.py), and one entry in ``METHODS``;
@@ -19,6 +23,7 @@ its text form (``pagkit sample --guidance "pag:1,layers=mid"``, ``pagkit eval --
 read off its dataclass fields by ``pagkit.spec``, so the command line needs no change.
 """
 from .base import Bound, Branch, Context, Contrast, GuidanceTerm, Step, check_guidance, combine, rescale_guidance
+from .autoguidance import AutoGuidance
 from .cfg import CFG
 from .pag import PAG
 from .sag import SAG, NoiseSchedule
@@ -26,7 +31,8 @@ from .seg import SEG
 from .slg import SLG
 from .stg import STG
 
-METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG, "stg": STG}
+METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG, "stg": STG,
+                                      "autoguidance": AutoGuidance}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "GuidanceTerm", "Bound", "Branch", "Context",
-           "Contrast", "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "AutoGuidance", "GuidanceTerm", "Bound", "Branch",
+           "Context", "Contrast", "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
