@@ -5,9 +5,11 @@ method     formula                                     scale convention
 =========  ==========================================  =====================================================
 ``CFG``    ε_u + w(ε_c − ε_u)                          w, diffusers' ``guidance_scale``; 1 is off
 ``PAG``    + s(ε_c − ε̂_c), attention → identity        the paper's s (ADM code's g = s + 1); 0 is off
+           (SoftPAG: A' = (1 − α)A + αI on ``heads``)   α = ``strength`` in [0, 1], 1 = PAG
 ``SEG``    + γ(ε_c − ε_seg), queries blurred           γ; 0 is off
 ``SAG``    + s(ε(x_t) − ε(x̃_t)), an extra pass          s; 0 is off
 ``SLG``    + s(ε_c − ε_skip), blocks skipped           s, diffusers' ``skip_layer_guidance_scale``; 0 is off
+``TPG``    + s(ε_c − ε_tpg), block tokens shuffled     s, the official ``tpg_scale``; 0 is off
 =========  ==========================================  =====================================================
 
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
@@ -19,8 +21,9 @@ from .pag import PAG
 from .sag import SAG, NoiseSchedule
 from .seg import SEG
 from .slg import SLG
+from .tpg import TPG
 
-METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG}
+METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG, "tpg": TPG}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast",
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "TPG", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast",
            "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
