@@ -25,13 +25,14 @@ def _sample(model, guidance, steps=4, **kw):
 
 
 def test_every_method_lives_in_its_own_module_and_is_exported():
-    assert set(METHODS) == {"cfg", "pag", "seg", "sag", "slg", "stg", "autoguidance"}
+    assert set(METHODS) == {"cfg", "pag", "seg", "sag", "slg", "stg", "tpg", "autoguidance"}
     for name, cls in METHODS.items():
         assert cls.__module__ == f"pagkit.methods.{name}"
         assert getattr(pagkit, cls.__name__) is cls
         assert cls.__doc__ and len(cls.__doc__) > 40
-    from pagkit.guidance import CFG, PAG, SAG, SEG, SLG, STG  # the old import path stays
-    assert (CFG, PAG, SEG, SAG, SLG, STG) == (pagkit.CFG, pagkit.PAG, pagkit.SEG, pagkit.SAG, pagkit.SLG, pagkit.STG)
+    from pagkit.guidance import CFG, PAG, SAG, SEG, SLG, STG, TPG  # the old import path stays
+    assert (CFG, PAG, SEG, SAG, SLG, STG, TPG) == (pagkit.CFG, pagkit.PAG, pagkit.SEG, pagkit.SAG, pagkit.SLG,
+                                                  pagkit.STG, pagkit.TPG)
 
 
 def test_old_terms_keep_their_arguments_and_defaults():
@@ -39,10 +40,11 @@ def test_old_terms_keep_their_arguments_and_defaults():
     common = {"start": 0.0, "stop": 1.0, "scale_end": None}
     assert fields["CFG"] == {"scale": 7.5, **common}
     assert fields["PAG"] == {"scale": 3.0, **common, "layers": "mid", "perturbation": "identity", "mask_prob": 0.5,
-                             "noise_std": 1.0, "seed": 0}
+                             "noise_std": 1.0, "seed": 0, "heads": None, "strength": 1.0}
     assert fields["SEG"] == {"scale": 3.0, **common, "sigma": float("inf"), "layers": "mid", "per_frame": False}
     assert fields["SAG"] == {"scale": 0.75, **common, "layer": "mid", "blur_sigma": 1.0, "kernel_size": 9}
     assert fields["SLG"] == {"scale": 2.8, "start": 0.01, "stop": 0.2, "scale_end": None, "layers": (7, 8, 9)}
+    assert fields["TPG"] == {"scale": 3.0, **common, "layers": tuple(range(6, 24)), "seed": 0}
 
 
 def test_slg_interval_is_open_at_both_ends_as_diffusers():

@@ -1,13 +1,13 @@
-"""pagkit: Perturbed-Attention Guidance and its siblings (SEG, SAG, SLG, STG, autoguidance) for diffusion models,
-training-free."""
+"""pagkit: Perturbed-Attention Guidance and its siblings (SEG, SAG, SLG, STG, TPG, autoguidance) for diffusion
+models, training-free."""
 from .backends.custom import adapt
 from .denoise import GuidedDenoiser, guide
-from .methods import CFG, METHODS, PAG, SAG, SEG, SLG, STG, AutoGuidance, GuidanceTerm
+from .methods import CFG, METHODS, PAG, SAG, SEG, SLG, STG, TPG, AutoGuidance, GuidanceTerm
 from .layers import LayerInfo, aliases, layers, resolve_layers
 from .pipelines import attach
 from .sample import sample
 
-__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "AutoGuidance", "METHODS", "GuidanceTerm", "GuidedDenoiser",
-           "LayerInfo", "adapt", "aliases", "attach",
+__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "METHODS", "GuidanceTerm",
+           "GuidedDenoiser", "LayerInfo", "adapt", "aliases", "attach",
            "guide", "layers", "resolve_layers", "sample"]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@
     x_t ─┬─ uncond (if CFG is active)            ┐
          ├─ cond                                 ├─ one model call ─ split ─ base + Σ contributions ─ ε̃
          └─ cond, patched per method's branch    ┘
-            (attention perturbed: PAG, SEG; blocks skipped: SLG)
+            (attention perturbed: PAG, SEG; blocks skipped: SLG; block tokens shuffled: TPG)
                                    (SAG: + one pass of its own on the degraded x̃_t)
 
 Each method (``pagkit.methods``) says which branches it needs and what it contributes; this module only
@@ -34,7 +34,7 @@ class GuidedDenoiser:
     """Guidance around a model: ``predict(x_t, t, cond, uncond, progress)`` returns ε̃ (in the model's output space).
 
     ``model``: a diffusers UNet or transformer of a family pagkit has a backend for (``pagkit.backends``).
-    ``guidance``: a list of pagkit guidance terms (``pagkit.CFG/PAG/SEG/SAG/SLG``).
+    ``guidance``: a list of pagkit guidance terms (``pagkit.CFG/PAG/SEG/SAG/SLG/TPG``).
     ``scheduler``: needed for SAG only (x̂₀ and re-noising).
     ``guidance_rescale``: φ of Lin et al. (2023); 0 turns it off.
     ``forward``: what to call instead of ``model(...)`` (``attach`` passes the unwrapped forward).

@@ -11,6 +11,7 @@ Scale conventions (the papers'):
   ``stg_scale``; 0 is off.
 * AutoGuidance: ε̃ = ε_weak + w·(ε − ε_weak) = ε + (w − 1)(ε − ε_weak), ε_weak from a weaker model under the
   same condition. ``scale`` is Karras' w; w = 1 is off.
+* TPG:  ε̃ = ε + s·(ε − ε_tpg). ``scale`` is s, the official ``tpg_scale``; 0 is off.
 
 With CFG, the perturbed branches use the condition c, so
 ε̃ = ε_u + w(ε_c − ε_u) + Σ_k s_k(ε_c − ε̂_c,k), which is what diffusers' PAG pipelines compute.
@@ -22,9 +23,9 @@ scale costs no forward work at that step.
 
 This module re-exports them; each method's own module in ``pagkit.methods`` documents it.
 """
-from .methods import (CFG, METHODS, PAG, SAG, SEG, SLG, STG, AutoGuidance, GuidanceTerm,  # noqa: F401
+from .methods import (CFG, METHODS, PAG, SAG, SEG, SLG, STG, TPG, AutoGuidance, GuidanceTerm,  # noqa: F401
                       check_guidance, combine, rescale_guidance)
 from .methods.base import _check_number  # noqa: F401
 
-__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "AutoGuidance", "METHODS", "GuidanceTerm", "check_guidance",
-           "combine", "rescale_guidance"]
+__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "METHODS", "GuidanceTerm",
+           "check_guidance", "combine", "rescale_guidance"]

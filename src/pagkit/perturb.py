@@ -7,6 +7,8 @@ q, k, v that the model's own processor built (after its QK-norm and RoPE) to a
 
 ==============  =====================================================================
 ``identity``    PAG: the attention map is the identity, so the output is V.
+``soft``        SoftPAG / head-level PAG (HeadHunter, ``SoftIdentity``; PAG's ``strength``
+                and ``heads``): A' = (1 − α)A + αI on the chosen heads.
 ``blur``        SEG: the queries are blurred by a 2-D Gaussian of width σ over the real
                 H×W token grid (equivalent to blurring QKᵀ along the query axes); on a
                 video grid F×H×W a separable 3-D Gaussian (``per_frame=True``: within
@@ -212,6 +214,56 @@ class Identity(Perturbation):
             to_text = to_text + _take(mask, -1, text)
         weights = torch.softmax(torch.cat([own, to_text], dim=-1).float(), dim=-1).to(v.dtype)
         return weights[..., :1] * vi + weights[..., 1:] @ v[:, :, text]
+
+
+@dataclass
+class SoftIdentity(Perturbation):
+    """SoftPAG and head-level PAG (Ahn et al. 2025, "HeadHunter", arXiv 2506.10978): A' = (1 − α)A + αI.
+
+    The attention output is linear in the map, so on each chosen head O' = (1 − α)·softmax(QKᵀ/√d)V + α·O_I,
+    with O_I the output of ``Identity(strict)`` (on a joint sequence its convention: image queries attend only to
+    themselves among image tokens and still to the text; text queries untouched); heads not chosen keep O.
+    ``strength`` is α ∈ [0, 1] (the official code's ``@scale=u``; 1 = PAG); ``heads``: indices into dim 1 of the
+    (B, heads, S, d) tensors the site's processor hands to attention (query heads under grouped-query attention),
+    None = every head (the official ``perturb_heads``). Reference: cvlab-kaist/HeadHunter, README and
+    ``diffusers/src/diffusers/models/attention_processor.py`` (commit 3828d1c).
+    """
+
+    strength: float = 1.0
+    heads: tuple[int, ...] | None = None
+    strict: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or \
+                not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"PAG strength (SoftPAG's α) must be a number in [0, 1], got {self.strength!r}")
+        if self.heads is not None:
+            heads = tuple(self.heads)
+            if not heads or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in heads) or \
+                    len(set(heads)) != len(heads):
+                raise ValueError(f"PAG heads must be a non-empty list of distinct head indices (ints >= 0) or "
+                                 f"None (every head), got {self.heads!r}")
+            self.heads = heads
+
+    def attend(self, q, k, v, layout, attn_mask=None, scale=None):
+        identity = Identity(strict=self.strict).attend(q, k, v, layout, attn_mask, scale)
+        if self.heads is None and self.strength == 1.0:
+            return identity
+        return self.mix(sdpa(q, k, v, attn_mask, scale), identity)
+
+    def mix(self, plain: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        """(1 − α)·plain + α·identity on the chosen heads (dim 1), ``plain`` elsewhere."""
+        if self.heads is not None and max(self.heads) >= plain.shape[1]:
+            raise ValueError(f"PAG heads {list(self.heads)}: this attention has {plain.shape[1]} heads "
+                             f"(valid 0–{plain.shape[1] - 1})")
+        a = self.strength
+        if self.heads is None:
+            return identity if a == 1.0 else (1 - a) * plain + a * identity
+        index = torch.tensor(self.heads, device=plain.device)
+        chosen = identity.index_select(1, index)
+        if a != 1.0:
+            chosen = (1 - a) * plain.index_select(1, index) + a * chosen
+        return plain.index_copy(1, index, chosen.to(plain.dtype))
 
 
 @dataclass

@@ -8,9 +8,12 @@ calls: for the rows of each ``Segment`` of ``router.plan`` that names the site, 
 (from the family's backend); every other row gets the very SDPA call the model made.
 ``router.capture`` records, for SAG, the attention each key receives on chosen rows.
 
-A second patch kind acts on a whole module: ``SKIP`` (a ``SkipBlock``) at a *block* (one of the backend's
-``skip_blocks``) makes it return its input(s) on the segment's rows (SLG); the backend's ``skip_output``
-says which inputs those are. A block is patched and restored in the same place as a site (``routed``).
+Two more patch kinds act on a whole module (``level = "module"``): ``SKIP`` (a ``SkipBlock``) at a *block* (one
+of the backend's ``skip_blocks``) makes it return its input(s) on the segment's rows (SLG); the backend's
+``skip_output`` says which inputs those are. A ``TokenShuffle`` at a block (one of the backend's
+``token_blocks``) permutes the tokens entering it on the segment's rows, one fresh seeded permutation per call
+shared by those rows, before the block runs (TPG); the backend's ``token_span`` says which tokens are image
+tokens. A block is patched and restored in the same place as a site (``routed``).
 On exit, even after an exception, every module is as it was.
 """
 from __future__ import annotations
@@ -41,6 +44,54 @@ class SkipBlock:
 
 
 SKIP = SkipBlock()
+
+
+class TokenShuffle:
+    """Patch kind (TPG): the image tokens entering the block are permuted on the segment's rows, and the block runs
+    on them; its output is left as the block computes it (in the permuted order, as the official TPG code).
+
+    Each call draws one fresh permutation from this patch's own CPU generator (seeded with ``seed``), the same for
+    every row of the segment: one instance per bound term, so runs with one seed are equal. A (B, C, H, W) input
+    has its H·W positions permuted; a (B, N, C) input the tokens of ``span`` along N (text tokens stay).
+    """
+
+    level = "module"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __repr__(self):
+        return f"TokenShuffle(seed={self.seed})"
+
+    def permutation(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.generator)
+
+    def shuffle(self, x: torch.Tensor, rows: tuple[int, int], span: tuple[int, int] | None) -> torch.Tensor:
+        """``x`` with the tokens of rows ``rows`` permuted: H·W positions of a 4-D input (``span`` None), else
+        positions ``span`` of dim 1."""
+        a, b = rows
+        out = x.clone()
+        if span is None:
+            if x.ndim != 4:
+                raise ValueError(f"TokenShuffle: a block input of shape {tuple(x.shape)} has no H×W grid")
+            perm = self.permutation(x.shape[-2] * x.shape[-1]).to(x.device)
+            out[a:b] = x[a:b].flatten(2)[:, :, perm].view_as(x[a:b])
+        else:
+            s, e = span
+            perm = self.permutation(e - s).to(x.device) + s
+            out[a:b, s:e] = x[a:b, perm]
+        return out
+
+
+def _token_input(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor]:
+    """Where a block's token input is: its first positional argument, or ``hidden_states`` / ``sample``."""
+    if args:
+        return 0, args[0]
+    for name in ("hidden_states", "sample"):
+        if name in kwargs:
+            return name, kwargs[name]
+    raise ValueError(f"pagkit cannot find the token input of a block called with {sorted(kwargs)}")
 
 
 def _attention_patch(patch) -> bool:
@@ -81,9 +132,14 @@ class Router:
         return self.backend.layout(self.sites[name], 0, self.info).grid if self.sites[name].kind == "self" else None
 
     def run_module(self, name: str, forward, args, kwargs):
-        """One call of a routed module: a site's attention patches, then a block's ``SKIP`` rows."""
-        skips = sorted((s.start, s.stop) for s in self.plan
-                       if name in s.perturbations and not _attention_patch(s.perturbations[name]))
+        """One call of a routed module: a block's ``TokenShuffle`` rows, a site's attention patches, then a block's
+        ``SKIP`` rows."""
+        patches = [(s.start, s.stop, s.perturbations[name]) for s in self.plan
+                   if name in s.perturbations and not _attention_patch(s.perturbations[name])]
+        skips = sorted((a, b) for a, b, p in patches if isinstance(p, SkipBlock))
+        shuffles = [(a, b, p) for a, b, p in patches if isinstance(p, TokenShuffle)]
+        if shuffles:
+            args, kwargs = self._shuffle_tokens(name, args, kwargs, shuffles)
         out = self.run_site(name, forward, args, kwargs) if name in self.sites else forward(*args, **kwargs)
         if not skips:
             return out
@@ -94,6 +150,19 @@ class Router:
             model_rows = torch.as_tensor(model_rows)
             skips = [_span(model_rows, a, b) for a, b in skips]
         return replace_rows(out, self.backend.skip_output(module, args, kwargs, out), skips)
+
+    def _shuffle_tokens(self, name: str, args, kwargs, shuffles):
+        where, x = _token_input(args, kwargs)
+        if self.batch is not None and x.shape[0] != self.batch:
+            raise ValueError(f"TPG: the token input of block {name} has {x.shape[0]} rows, the model's batch "
+                             f"{self.batch}; pagkit shuffles blocks whose rows are the model's samples (not video "
+                             "blocks that fold frames into the batch)")
+        span = self.backend.token_span(self.model, name, x, self.info)
+        for a, b, shuffle in shuffles:
+            x = shuffle.shuffle(x, (a, b), span)
+        if where == 0:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, where: x}
 
     def run_site(self, name: str, forward, args, kwargs):
         segments = sorted(((s.start, s.stop, s.perturbations[name]) for s in self.plan
@@ -253,7 +322,7 @@ def routed(model: nn.Module, site_names: list[str], backend: Backend | None = No
     sites = {s.name: s for s in backend.sites(model)}
     unknown = [n for n in site_names if n not in sites]
     if unknown:
-        blocks = set(backend.skip_blocks(model) or ())
+        blocks = set(backend.skip_blocks(model) or ()) | set(backend.token_blocks(model) or ())
         unknown = [n for n in unknown if n not in blocks]
     if unknown:
         raise ValueError(f"not perturbable sites of {type(model).__name__}: {unknown}")

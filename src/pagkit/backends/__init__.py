@@ -168,6 +168,30 @@ class Backend:
         names = [s.name for s in self.sites(model)]
         return [st for st in stages if any(n == st or n.startswith(st + ".") for n in names)]
 
+    def token_blocks(self, model: nn.Module) -> list[str] | None:
+        """The blocks whose token input a token perturbation (TPG) may permute, in forward order; None: none known.
+
+        The default: the skip blocks (a transformer family's blocks)."""
+        return self.skip_blocks(model)
+
+    def token_span(self, model: nn.Module, block: str, tokens: torch.Tensor, info: ForwardInfo | None
+                   ) -> tuple[int, int] | None:
+        """Where the image tokens of ``block``'s token input (its first argument, ``hidden_states``) lie along
+        dim 1; None for a (B, C, H, W) input, whose H·W positions are the tokens.
+
+        The default reads a (B, N, C) input as the sequence of the first site the block holds: all of it for an
+        image site, the image span of its layout for a joint or single-stream site (an image-only stream of a
+        double-stream block is all image tokens)."""
+        if tokens.ndim == 4:
+            return None
+        if tokens.ndim != 3:
+            raise ValueError(f"pagkit cannot tell the tokens of block {block}'s input of shape {tuple(tokens.shape)}")
+        site = next((s for s in self.sites(model) if s.name == block or s.name.startswith(block + ".")), None)
+        if site is None:
+            raise ValueError(f"block {block} holds no site of {type(model).__name__}, so pagkit cannot tell where "
+                             "its image tokens are (Backend.token_span)")
+        return self.layout(site, tokens.shape[1], info).image
+
     def skip_output(self, module: nn.Module, args: tuple, kwargs: dict, out):
         """What block ``module`` returns when skipped: its input(s), in the structure of its real output ``out``.
 

@@ -14,6 +14,8 @@ entries are φ(q_i)·φ(k_j):
 
 * ``identity`` (PAG): the map is the identity, so the output is V (diffusers'
   ``PAGIdentitySanaLinearAttnProcessor2_0`` does the same: ``to_v`` then ``to_out``);
+* SoftPAG / chosen heads (``SoftIdentity``): the normalised map is row-stochastic, so
+  A' = (1 − α)A + αI is as well defined as for softmax: (1 − α)·(linear attention) + α·V per chosen head;
 * ``blur`` (SEG): the unnormalised map is blurred along the query axes by a Gaussian over the
   H×W grid, which is blurring the query features φ(Q) (the map is linear in them, as softmax
   logits are linear in Q), then each row is normalised as the processor does. The queries are
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..perturb import Identity, QueryBlur
+from ..perturb import Identity, QueryBlur, SoftIdentity
 from . import Backend, Site, register
 
 
@@ -43,6 +45,8 @@ def attend_linear(perturbation, q, k, v, layout):
     """A perturbation of ReLU-kernel linear attention on (B, H, S, d) pre-kernel q, k and v (module docstring)."""
     if isinstance(perturbation, Identity):
         return v
+    if isinstance(perturbation, SoftIdentity):
+        return perturbation.mix(linear_attention(F.relu(q), F.relu(k), v).to(v.dtype), v)
     if isinstance(perturbation, QueryBlur):
         phi_q = perturbation.blur_queries(F.relu(q).float(), layout.grid)
         return linear_attention(phi_q, F.relu(k), v).to(v.dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 
 from . import Backend, Site, register
@@ -69,6 +70,18 @@ class UNetBackend(Backend):
             i = parts.index("attentions") if "attentions" in parts else None
             if i is not None and i + 1 < len(parts):
                 out.append(".".join(parts[:i + 2]))
+        return list(dict.fromkeys(out))
+
+    def token_blocks(self, model):
+        """TPG's blocks, as the official code (TaatiTeam/Token-Perturbation-Guidance): each ``BasicTransformerBlock``
+        that holds a self-attention site (``….attentions.j.transformer_blocks.k``, whose input is the (B, H·W, C)
+        tokens after the Transformer2DModel's norm and proj_in); on ``UNet2DModel`` the ``Attention`` block itself
+        (input (B, C, H, W))."""
+        out = []
+        for site in self.sites(model):
+            parent = site.name.rpartition(".")[0]
+            holder = model.get_submodule(parent) if parent else None
+            out.append(parent if isinstance(holder, BasicTransformerBlock) else site.name)
         return list(dict.fromkeys(out))
 
     def skip_output(self, module, args, kwargs, out):

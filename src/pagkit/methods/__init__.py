@@ -5,6 +5,7 @@ method     formula                                     scale convention
 =========  ==========================================  =====================================================
 ``CFG``    ε_u + w(ε_c − ε_u)                          w, diffusers' ``guidance_scale``; 1 is off
 ``PAG``    + s(ε_c − ε̂_c), attention → identity        the paper's s (ADM code's g = s + 1); 0 is off
+           (SoftPAG: A' = (1 − α)A + αI on ``heads``)   α = ``strength`` in [0, 1], 1 = PAG
 ``SEG``    + γ(ε_c − ε_seg), queries blurred           γ; 0 is off
 ``SAG``    + s(ε(x_t) − ε(x̃_t)), an extra pass          s; 0 is off
 ``SLG``    + s(ε_c − ε_skip), blocks skipped           s, diffusers' ``skip_layer_guidance_scale``; 0 is off
@@ -12,6 +13,7 @@ method     formula                                     scale convention
            (STG-R) or their attention → identity
            (STG-A); optional std rescale
 ``AutoG``  + (w − 1)(ε_c − ε_weak), a weaker model      Karras' w (ε_weak + w(ε − ε_weak)); 1 is off
+``TPG``    + s(ε_c − ε_tpg), block tokens shuffled     s, the official ``tpg_scale``; 0 is off
 =========  ==========================================  =====================================================
 
 ``AutoG`` is ``AutoGuidance`` (Karras et al. 2024): ε_weak is a weaker model's, under the condition c, in a
@@ -30,9 +32,10 @@ from .sag import SAG, NoiseSchedule
 from .seg import SEG
 from .slg import SLG
 from .stg import STG
+from .tpg import TPG
 
 METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG, "stg": STG,
-                                      "autoguidance": AutoGuidance}
+                                      "tpg": TPG, "autoguidance": AutoGuidance}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "AutoGuidance", "GuidanceTerm", "Bound", "Branch",
-           "Context", "Contrast", "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "GuidanceTerm", "Bound",
+           "Branch", "Context", "Contrast", "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]

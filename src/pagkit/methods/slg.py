@@ -78,20 +78,24 @@ def _items(selection) -> list:
     return [selection] if isinstance(selection, (int, str)) else list(selection)
 
 
-def resolve_blocks(model, backend, selection, kind: str | None = None) -> list[str]:
+def resolve_blocks(model, backend, selection, blocks: list[str] | None = None, method: str = "SLG", *,
+                   kind: str | None = None) -> list[str]:
     """The names of the blocks ``selection`` picks (see the module docstring), in forward order.
 
     ``kind``: only blocks holding a site of that kind (``Site.kind``); a layer selection picks the blocks holding
-    its sites of that kind, and a block given by index or name must hold one."""
-    blocks = backend.skip_blocks(model)
+    its sites of that kind, and a block given by index or name must hold one.
+    ``blocks``: the list to pick from (default: the backend's ``skip_blocks``; TPG passes its ``token_blocks``);
+    ``method`` names the caller in errors."""
+    what = "skip" if blocks is None else "perturb"
+    blocks = backend.skip_blocks(model) if blocks is None else blocks
     if not blocks:
-        raise ValueError(f"pagkit knows no blocks it can skip in {type(model).__name__} ({backend.name} family)")
+        raise ValueError(f"pagkit knows no blocks it can {what} in {type(model).__name__} ({backend.name} family)")
     chosen: set[str] = set()
     for item in _items(selection):
         if isinstance(item, int):
             if not 0 <= item < len(blocks):
-                raise ValueError(f"SLG block index {item} is out of range: {type(model).__name__} has "
-                                 f"{len(blocks)} blocks that can be skipped (0–{len(blocks) - 1}): "
+                raise ValueError(f"{method} block index {item} is out of range: {type(model).__name__} has "
+                                 f"{len(blocks)} blocks it can {what} (0–{len(blocks) - 1}): "
                                  f"{', '.join(blocks[:4])}{' …' if len(blocks) > 4 else ''}")
             chosen.add(blocks[item])
         elif item in blocks:
@@ -99,14 +103,14 @@ def resolve_blocks(model, backend, selection, kind: str | None = None) -> list[s
         elif any(c in item for c in "*?["):
             hits = fnmatch.filter(blocks, item)
             if not hits:
-                raise ValueError(f"SLG: {item!r} matches no block of {type(model).__name__}; blocks: "
+                raise ValueError(f"{method}: {item!r} matches no block of {type(model).__name__}; blocks: "
                                  f"{', '.join(blocks[:6])}{' …' if len(blocks) > 6 else ''}")
             chosen.update(hits)
         else:
             for site in resolve_layers(model, item, kind=kind):
                 holders = [b for b in blocks if site == b or site.startswith(b + ".")]
                 if not holders:
-                    raise ValueError(f"SLG: site {site} (from {item!r}) lies in no block pagkit can skip")
+                    raise ValueError(f"{method}: site {site} (from {item!r}) lies in no block pagkit can {what}")
                 chosen.add(max(holders, key=len))
     if kind is not None:
         of_kind = resolve_layers(model, "*", kind=kind)  # one clear error if the model has no such site
