@@ -20,6 +20,7 @@ import torch
 from .backends import detect
 from .batch import cat_rows
 from .methods import Branch, Context, GuidanceTerm, Step, check_guidance, rescale_guidance
+from .methods.base import bind
 from .methods.sag import NoiseSchedule  # noqa: F401  (re-exported: restore.py and users import it from here)
 from .prefix import prefix_stages, shared_prefix
 from .routing import Segment, routed
@@ -35,6 +36,11 @@ class GuidedDenoiser:
     ``forward``: what to call instead of ``model(...)`` (``attach`` passes the unwrapped forward).
     ``prefix_sharing``: compute the stages before the first perturbed layer once for the conditional and
     the perturbed branches (see prefix.py); same results, less work. False runs every branch in full.
+
+    Terms' combination rules (``rule=``, pagkit.methods.rules) keep state over a sampling run (APG's momentum)
+    and may zero a run's first steps (CFG-Zero*). A run starts at the first call, after ``reset()``, or when
+    ``progress`` goes back (lower than the last call's); the step index counts the distinct progress values
+    since then (calls at the same progress are the same step).
     """
 
     def __init__(self, model, guidance=(), *, scheduler=None, guidance_rescale: float = 0.0, forward=None,
@@ -49,8 +55,25 @@ class GuidedDenoiser:
         self.guidance_rescale = float(guidance_rescale)
         # each term bound to this model now (its sites, blocks, RNG stream), so errors come early
         context = Context(model, self.backend, scheduler)
-        self.methods = [term.bind(f"{type(term).__name__.lower()}{i}", context) for i, term in enumerate(self.terms)]
+        self.methods = [bind(term, f"{type(term).__name__.lower()}{i}", context) for i, term in enumerate(self.terms)]
         self.base = next((m for m in self.methods if m.base), None)
+        self.rules = [m.rule for m in self.methods if m.rule is not None]
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sampling run: the rules forget their state (APG's momentum), the step index restarts."""
+        self._progress, self._index = None, 0
+        for rule in self.rules:
+            rule.reset()
+
+    def begin_step(self, progress: float) -> bool:
+        """Track the run (see the class docstring); whether a rule zeroes the prediction at this step (zero-init)."""
+        if self._progress is not None and progress < self._progress:
+            self.reset()
+        elif self._progress is not None and progress > self._progress:
+            self._index += 1
+        self._progress = progress
+        return any(rule.zeroes(self._index) for rule in self.rules)
 
     def branches(self, progress: float, external_cfg: float | None = None
                  ) -> tuple[list[Branch], dict[str, float], float | None]:
@@ -95,6 +118,10 @@ class GuidedDenoiser:
         returns ε_c + Δ/w only.
         """
         cond = cond or {}
+        if external_cfg is not None and self.base is not None and self.base.rule_acts:
+            raise ValueError("the caller applies CFG itself (external_cfg), so CFG's rule "
+                             f"({type(self.base.rule.rule).__name__}) cannot act on it; rules on the other terms do")
+        zeroed = self.begin_step(progress)
         separate_uncond = external_cfg is not None and uncond is None
         branches, scales, cfg_scale = self.branches(progress, None if separate_uncond else external_cfg)
         if cfg_scale is not None and uncond is None:
@@ -130,14 +157,18 @@ class GuidedDenoiser:
             cond_out = eps["cond"] + sum(contributions) / external_cfg
             keys = ("cond",) if separate_uncond else ("uncond", "cond")
             halves = [cond_out] if separate_uncond else [eps["uncond"], cond_out]
+            if zeroed:
+                halves = [torch.zeros_like(h) for h in halves]
             if learned_sigma:
                 halves = [torch.cat([h, preds[k][:, channels:]], dim=1) for h, k in zip(halves, keys)]
             return torch.cat(halves)
-        guided = self.base.combine(cfg_scale, eps) if cfg_scale is not None else eps["cond"]
+        guided = self.base.combine(cfg_scale, step) if cfg_scale is not None else eps["cond"]
         for contribution in contributions:
             guided = guided + contribution
         if self.guidance_rescale and (scales or cfg_scale is not None):
             guided = rescale_guidance(guided, eps["cond"], self.guidance_rescale)
+        if zeroed:
+            guided = torch.zeros_like(guided)
         if learned_sigma:
             guided = torch.cat([guided, preds["cond"][:, channels:]], dim=1)
         return guided

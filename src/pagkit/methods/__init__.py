@@ -10,11 +10,23 @@ method     formula                                     scale convention
 ``SLG``    + s(ε_c − ε_skip), blocks skipped           s, diffusers' ``skip_layer_guidance_scale``; 0 is off
 =========  ==========================================  =====================================================
 
+Combination rules (``rules.py``; ``rule=`` on any term; ``RULES`` names them) replace a term's difference
+Δ = D_pos − D_neg in its contribution k·Δ (CFG: k = w − 1, ε_c + (w − 1)(ε_c − ε_u); the others: k = s):
+
+=================  ================================================  ==========================================
+rule               Δ'                                                neutral
+=================  ================================================  ==========================================
+``APG``            momentum β, cap r on ‖Δ‖, Δ⊥ + ηΔ∥ relative to D_pos   η = 1, r = None, β = 0
+``CFGZeroStar``    D_pos − s*·D_neg, s* = ⟨D_pos, D_neg⟩/‖D_neg‖²; ε̃ = 0  ``optimized_scale=False, zero_init_steps=0``
+                   on the first ``zero_init_steps``
+=================  ================================================  ==========================================
+
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
 ``GuidanceTerm`` subclass whose ``bind`` returns a ``base.Bound`` (see base.py), and one entry in ``METHODS``.
 """
 from .base import Bound, Branch, Context, Contrast, GuidanceTerm, Step, check_guidance, combine, rescale_guidance
 from .cfg import CFG
+from .rules import APG, RULES, CFGZeroStar, Rule
 from .pag import PAG
 from .sag import SAG, NoiseSchedule
 from .seg import SEG
@@ -22,5 +34,5 @@ from .slg import SLG
 
 METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast",
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "RULES", "APG", "CFGZeroStar", "Rule", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast",
            "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
