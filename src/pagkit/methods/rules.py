@@ -11,8 +11,8 @@ rule=CFGZeroStar())``, and keeps its state (APG's momentum) per term, reset at t
 rule               Δ' (from Δ = D_pos − D_neg)                                    neutral (bit-identical to no rule)
 =================  ============================================================  ==================================
 ``APG``            Δ̄ = Δ + βΔ̄_prev; Δ̄·min(1, r/‖Δ̄‖); Δ̄⊥ + ηΔ̄∥ (∥ to D_pos)        η = 1, r = None, β = 0
-``CFGZeroStar``    Δ − (s* − 1)·D_neg, s* = ⟨D_pos, D_neg⟩/‖D_neg‖², i.e.           ``optimized_scale=False``,
-                   D_pos − s*·D_neg; + ε̃ = 0 on the first ``zero_init_steps``      ``zero_init_steps=0``
+``CFGZeroStar``    D_pos − s*·D_neg, s* = ⟨D_pos, D_neg⟩/‖D_neg‖² per sample;      ``optimized_scale=False``,
+                   and ε̃ = 0 on the first ``zero_init_steps`` steps of a run      ``zero_init_steps=0``
 =================  ============================================================  ==================================
 
 Norms, inner products and projections are per sample, over all its other dimensions (as the papers' code
