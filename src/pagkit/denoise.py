@@ -39,8 +39,8 @@ class GuidedDenoiser:
 
     Terms' combination rules (``rule=``, pagkit.methods.rules) keep state over a sampling run (APG's momentum)
     and may zero a run's first steps (CFG-Zero*). A run starts at the first call, after ``reset()``, or when
-    ``progress`` goes back (lower than the last call's); the step index counts the distinct progress values
-    since then (calls at the same progress are the same step).
+    ``progress`` goes back (lower than the last call's); the step index grows by one each time ``progress``
+    rises (calls at the same progress are the same step). ``attach`` resets at each pipeline call.
     """
 
     def __init__(self, model, guidance=(), *, scheduler=None, guidance_rescale: float = 0.0, forward=None,
