@@ -1,6 +1,7 @@
 """Guidance as text (pagkit.spec): every method's fields, read and written back; the CLI rows built from it."""
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,20 @@ def test_values_are_read_by_each_field_s_type():
     assert format_spec([pagkit.CFG(3.0), pagkit.PAG(0.5, layers=["mid", "down.2"])]) == \
         "cfg:3; pag:0.5,layers=mid+down.2"
     assert label([pagkit.CFG(3.0), pagkit.PAG(0.5)]) == "CFG 3 + PAG 0.5 (layers=mid)"
+
+
+def test_combination_rules_are_written_in_parentheses():
+    terms = parse_spec("pag:2,layers=mid,rule=apg(eta=0.5,norm_threshold=4,momentum=-0.5); "
+                       "cfg:3,rule=cfg-zero-star(zero_init_steps=1)")
+    assert terms == [pagkit.PAG(2.0, layers="mid", rule=pagkit.APG(eta=0.5, norm_threshold=4.0, momentum=-0.5)),
+                     pagkit.CFG(3.0, rule=pagkit.CFGZeroStar(zero_init_steps=1))]
+    assert parse_spec(format_spec(terms)) == terms
+    assert parse_spec("seg:1,rule=apg") == [pagkit.SEG(1.0, rule=pagkit.APG())]
+    for text, message in [("pag:1,rule=apgg", "unknown combination rule 'apgg'; choose one of apg"),
+                          ("pag:1,rule=apg(eta=0", "unbalanced '('"),
+                          ("pag:1,rule=apg(et=0)", "APG has no option 'et'; its options: eta")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_spec(text)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -20,7 +20,7 @@ import torch
 from .backends import detect
 from .batch import cat_rows
 from .methods import Branch, Context, GuidanceTerm, Step, check_guidance, rescale_guidance
-from .methods.cfg import BoundCFG
+from .methods.base import bind
 from .methods.sag import NoiseSchedule  # noqa: F401  (re-exported: restore.py and users import it from here)
 from .prefix import prefix_stages, shared_prefix
 from .routing import Segment, routed
@@ -43,6 +43,11 @@ class GuidedDenoiser:
     ``check_finite``: stop with ``NonFiniteGuidance``, naming the step and the terms, when guidance makes the
     prediction NaN or inf while ε_c is finite (a silent NaN would only show as black images); False skips
     the check (one reduction per step).
+
+    Terms' combination rules (``rule=``, pagkit.methods.rules) keep state over a sampling run (APG's momentum)
+    and may zero a run's first steps (CFG-Zero*). A run starts at the first call, after ``reset()``, or when
+    ``progress`` goes back (lower than the last call's); the step index grows by one each time ``progress``
+    rises (calls at the same progress are the same step). ``attach`` resets at each pipeline call.
     """
 
     def __init__(self, model, guidance=(), *, scheduler=None, guidance_rescale: float = 0.0, forward=None,
@@ -58,12 +63,29 @@ class GuidedDenoiser:
         self.guidance_rescale = float(guidance_rescale)
         # each term bound to this model now (its sites, blocks, RNG stream), so errors come early
         context = Context(model, self.backend, scheduler)
-        self.methods = [term.bind(f"{type(term).__name__.lower()}{i}", context) for i, term in enumerate(self.terms)]
+        self.methods = [bind(term, f"{type(term).__name__.lower()}{i}", context) for i, term in enumerate(self.terms)]
         self.base = next((m for m in self.methods if m.base), None)
         adjusting = [type(m.term).__name__ for m in self.methods if m.adjusts]
         if len(adjusting) > 1:
             raise ValueError(f"{len(adjusting)} terms ({', '.join(adjusting)}) rescale the whole guided prediction; "
                              "ε̃ is rescaled once: set rescale on one term only")
+        self.rules = [m.rule for m in self.methods if m.rule is not None]
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sampling run: the rules forget their state (APG's momentum), the step index restarts."""
+        self._progress, self._index = None, 0
+        for rule in self.rules:
+            rule.reset()
+
+    def begin_step(self, progress: float) -> bool:
+        """Track the run (see the class docstring); whether a rule zeroes the prediction at this step (zero-init)."""
+        if self._progress is not None and progress < self._progress:
+            self.reset()
+        elif self._progress is not None and progress > self._progress:
+            self._index += 1
+        self._progress = progress
+        return any(rule.zeroes(self._index) for rule in self.rules)
 
     def branches(self, progress: float, external_cfg: float | None = None
                  ) -> tuple[list[Branch], dict[str, float], float | None]:
@@ -108,6 +130,10 @@ class GuidedDenoiser:
         returns ε_c + Δ/w only.
         """
         cond = cond or {}
+        if external_cfg is not None and self.base is not None and self.base.rule_acts:
+            raise ValueError("the caller applies CFG itself (external_cfg), so CFG's rule "
+                             f"({type(self.base.rule.rule).__name__}) cannot act on it; rules on the other terms do")
+        zeroed = self.begin_step(progress)
         separate_uncond = external_cfg is not None and uncond is None
         branches, scales, cfg_scale = self.branches(progress, None if separate_uncond else external_cfg)
         if cfg_scale is not None and uncond is None:
@@ -147,7 +173,7 @@ class GuidedDenoiser:
                                  "this pipeline computes ε_u in a call of its own (separate-call CFG: Wan, Flux's "
                                  "true_cfg_scale); use rescale=0 there")
             if adjusting:  # the ε_c' for which the caller's ε_u + w(ε_c' − ε_u) is the adjusted ε̃
-                guided = BoundCFG.combine(external_cfg, eps) + sum(contributions)  # the caller's CFG
+                guided = eps["uncond"] + external_cfg * (eps["cond"] - eps["uncond"]) + sum(contributions)
                 for m in adjusting:
                     guided = m.adjust(scales[m.key], guided, step)
                 cond_out = eps["uncond"] + (guided - eps["uncond"]) / external_cfg
@@ -155,16 +181,20 @@ class GuidedDenoiser:
                 cond_out = eps["cond"] + sum(contributions) / external_cfg
             keys = ("cond",) if separate_uncond else ("uncond", "cond")
             halves = [cond_out] if separate_uncond else [eps["uncond"], cond_out]
+            if zeroed:
+                halves = [torch.zeros_like(h) for h in halves]
             if learned_sigma:
                 halves = [torch.cat([h, preds[k][:, channels:]], dim=1) for h, k in zip(halves, keys)]
             return finite(torch.cat(halves), eps, contributions, active, t, progress)
-        guided = self.base.combine(cfg_scale, eps) if cfg_scale is not None else eps["cond"]
+        guided = self.base.combine(cfg_scale, step) if cfg_scale is not None else eps["cond"]
         for contribution in contributions:
             guided = guided + contribution
         for m in adjusting:
             guided = m.adjust(scales[m.key], guided, step)
         if self.guidance_rescale and (scales or cfg_scale is not None):
             guided = rescale_guidance(guided, eps["cond"], self.guidance_rescale)
+        if zeroed:
+            guided = torch.zeros_like(guided)
         if learned_sigma:
             guided = torch.cat([guided, preds["cond"][:, channels:]], dim=1)
         return finite(guided, eps, contributions, active, t, progress)

@@ -21,11 +21,12 @@ Every term has a schedule: it acts on the steps whose progress i/N lies in
 from ``scale`` to ``scale_end`` across that interval when ``scale_end`` is given. A term at its neutral
 scale costs no forward work at that step.
 
-This module re-exports them; each method's own module in ``pagkit.methods`` documents it.
+Any term takes a combination rule, ``rule=APG(...)`` or ``rule=CFGZeroStar(...)``, which replaces its
+difference (see ``pagkit.methods.rules``). This module re-exports them; each method's own module in ``pagkit.methods`` documents it.
 """
-from .methods import (CFG, METHODS, PAG, SAG, SEG, SLG, STG, TPG, AutoGuidance, GuidanceTerm,  # noqa: F401
-                      check_guidance, combine, rescale_guidance)
+from .methods import (APG, CFG, METHODS, PAG, RULES, SAG, SEG, SLG, STG, TPG, AutoGuidance, CFGZeroStar,  # noqa: F401
+                      GuidanceTerm, check_guidance, combine, rescale_guidance)
 from .methods.base import _check_number  # noqa: F401
 
-__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "METHODS", "GuidanceTerm",
-           "check_guidance", "combine", "rescale_guidance"]
+__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "METHODS", "APG", "CFGZeroStar",
+           "RULES", "GuidanceTerm", "check_guidance", "combine", "rescale_guidance"]

@@ -9,8 +9,10 @@ returns ε_c' = ε_c + Δ/w (Δ = the PAG/SEG/SAG terms), so the pipeline's
 ε_c + Δ. All branches still run in one batched forward. Pipelines that run CFG
 as a second, unconditional call (Flux's and Qwen-Image's ``true_cfg_scale`` with a
 negative prompt) get ε_c + Δ/w from the conditional call and the plain ε_u from
-the other. On exit, also after an exception, the denoiser's forward and
-processors are as before.
+the other. Combination rules (APG, CFG-Zero*) on PAG/SEG/SLG/SAG terms work
+here (they change only Δ; CFG-Zero*'s zero-init zeroes both of the pipeline's
+predictions); a rule on the pipeline's own CFG cannot, and is refused. On exit,
+also after an exception, the denoiser's forward and processors are as before.
 """
 from __future__ import annotations
 
@@ -116,6 +118,10 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     ``guidance_rescale`` is also the pipeline's own argument where it has one.
     """
     terms = check_guidance(guidance)
+    if any(isinstance(t, CFG) and t.rule is not None for t in terms):
+        raise ValueError("the pipeline applies CFG itself, so a rule on CFG (APG, CFGZeroStar) cannot act on it "
+                         "here: use pagkit.sample(..., guidance=[CFG(w, rule=...)]) or diffusers' own guiders. "
+                         "Rules on PAG, SEG, SLG or SAG work inside pagkit.attach.")
     if any(isinstance(t, CFG) for t in terms):
         raise ValueError("the pipeline applies CFG itself: set its guidance_scale and pass only PAG, SEG or SAG "
                          "to pagkit.attach")
@@ -151,7 +157,12 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
             step["t"] = t_now
             name = context.get("name") or ("uncond" if step["calls"] % 2 else "cond")
             if name == "uncond":
-                return original_forward(*args, **kwargs)
+                result = original_forward(*args, **kwargs)
+                if not denoiser.begin_step(progress):
+                    return result
+                # zero-init (CFG-Zero*): the pipeline's ε_u + w(ε_c' − ε_u) is 0 only if ε_u is 0 too
+                zero = torch.zeros_like(result[0] if isinstance(result, tuple) else result.sample)
+                return (zero,) if isinstance(result, tuple) else type(result)(sample=zero)
             out = denoiser.predict(x, t, inputs, None, progress, external_cfg=w_separate)
         elif w is not None and x.shape[0] % 2 == 0:
             half = x.shape[0] // 2
@@ -183,11 +194,15 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         finally:
             context.pop("name", None)
 
+    def new_run():  # each pipeline call is a sampling run: rules' state (APG momentum) starts afresh
+        step.clear()
+        denoiser.reset()
+
     model.forward = guided_forward
     if original_context is not None:
         model.cache_context = naming_cache_context
     try:
-        with _recording_call_arguments(pipe, on_call=step.clear) as call_args:
+        with _recording_call_arguments(pipe, on_call=new_run) as call_args:
             yield pipe
     finally:
         if had_own_forward:

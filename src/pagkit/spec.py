@@ -2,7 +2,8 @@
 
 One spec is the guidance of one sample row: terms separated by ``;``, each ``method[:value,key=value,...]``.
 ``method`` is a name of ``pagkit.methods.METHODS``; a bare first value is the term's ``scale``; every other
-key is a field of the method's dataclass, so a new method gets its command-line form for free. Values are
+key is a field of the method's dataclass, so a new method gets its command-line form for free. A combination
+rule is ``rule=apg`` or ``rule=apg(eta=0,momentum=-0.5)`` (``pagkit.methods.RULES``, its fields likewise). Values are
 read by the field's default: numbers (``inf`` allowed), ``true``/``false``, ``none`` where the default is
 None, and lists joined by ``+`` (``layers=mid+down.2``, ``layers=7+8+9``). Fields that hold objects (a
 weak model, tensors) cannot be written as text and say so.
@@ -77,32 +78,67 @@ def _method(name: str) -> type[GuidanceTerm]:
     return cls
 
 
-def parse_term(text: str) -> GuidanceTerm:
-    """One term: ``"pag"``, ``"pag:1"``, ``"pag:1,layers=mid+down.2,start=0.2"``."""
-    name, _, rest = text.strip().partition(":")
-    if not name.strip():
-        raise ValueError(f"a guidance term starts with its method's name ({', '.join(METHODS)}), got {text!r}")
-    cls = _method(name)
+def _split(text: str) -> list[str]:
+    """Split on the commas outside parentheses (``rule=apg(eta=0,momentum=-0.5)`` stays one item)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            raise ValueError(f"unbalanced ')' in {text!r}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced '(' in {text!r}")
+    return [item for item in items + [text[start:]] if item.strip()]
+
+
+def _rule(text: str):
+    """A combination rule: ``apg`` or ``apg(eta=0,norm_threshold=4)`` (``pagkit.methods.RULES``)."""
+    from .methods import RULES
+    name, _, rest = text.strip().partition("(")
+    cls = RULES.get(name.strip().lower())
+    if cls is None:
+        raise ValueError(f"unknown combination rule {name.strip()!r}; choose one of {', '.join(RULES)}")
+    if rest and not rest.rstrip().endswith(")"):
+        raise ValueError(f"a rule's options go in parentheses: {name.strip()}(key=value,...), got {text!r}")
+    return cls(**_options(cls, _split(rest.rstrip()[:-1]) if rest else [], bare=None))
+
+
+def _options(cls, items: list[str], bare: str | None) -> dict:
+    """``key=value`` items read by the fields of dataclass ``cls``; a first item without a key is ``bare``."""
     fields = _fields(cls)
     options = {}
-    for i, item in enumerate(p for p in rest.split(",") if p.strip()):
+    for i, item in enumerate(items):
         key, eq, raw = item.partition("=")
         if not eq:
-            if i:
-                raise ValueError(f"{cls.__name__}: {item.strip()!r} needs a key (key=value); only the first "
-                                 f"value may be bare (the scale)")
-            key, raw = "scale", item
+            if i or bare is None:
+                raise ValueError(f"{cls.__name__}: {item.strip()!r} needs a key (key=value)"
+                                 + ("; only the first value may be bare (the scale)" if bare else ""))
+            key, raw = bare, item
         key = key.strip().replace("-", "_")
         if key not in fields:
             raise ValueError(f"{cls.__name__} has no option {key!r}; its options: {', '.join(fields)}")
         if key in options:
-            raise ValueError(f"{cls.__name__}: {key} given twice in {text.strip()!r}")
+            raise ValueError(f"{cls.__name__}: {key} given twice")
+        if key == "rule":
+            options[key] = None if raw.strip().lower() == "none" else _rule(raw)
+            continue
         default = _default(fields[key])
         if default is not None and not isinstance(default, (bool, int, float, str, list, tuple)):
             raise ValueError(f"{cls.__name__} {key} is an object and cannot be given as text; "
                              f"construct pagkit.{cls.__name__} in Python")
         options[key] = _value(cls, key, fields[key], raw)
-    return cls(**options)
+    return options
+
+
+def parse_term(text: str) -> GuidanceTerm:
+    """One term: ``"pag"``, ``"pag:1"``, ``"pag:1,layers=mid+down.2,start=0.2,rule=apg(eta=0)"``."""
+    name, _, rest = text.strip().partition(":")
+    if not name.strip():
+        raise ValueError(f"a guidance term starts with its method's name ({', '.join(METHODS)}), got {text!r}")
+    cls = _method(name)
+    return cls(**_options(cls, _split(rest), bare="scale"))
 
 
 def parse_spec(text: str) -> list[GuidanceTerm]:
@@ -114,6 +150,11 @@ def parse_spec(text: str) -> list[GuidanceTerm]:
 
 
 def _text(value) -> str:
+    from .methods import RULES, Rule
+    if isinstance(value, Rule):
+        name = next(k for k, cls in RULES.items() if type(value) is cls)
+        changed = _changed(value, always=())
+        return name + (f"({','.join(f'{k}={_text(v)}' for k, v in changed.items())})" if changed else "")
     if isinstance(value, (list, tuple)):
         return "+".join(_text(v) for v in value)
     if isinstance(value, float):
@@ -139,7 +180,7 @@ def format_term(term: GuidanceTerm) -> str:
     name = next(k for k, cls in METHODS.items() if type(term) is cls)
     changed = _changed(term)
     for key, value in changed.items():
-        if not isinstance(value, (bool, int, float, str, list, tuple, type(None), os.PathLike)):
+        if key != "rule" and not isinstance(value, (bool, int, float, str, list, tuple, type(None), os.PathLike)):
             raise ValueError(f"{type(term).__name__} {key} is a {type(value).__name__}, which has no text form; "
                              f"give it by name or path (e.g. weak_model=fmnist-weak)")
     parts = [_text(changed.pop("scale"))] + [f"{k}={_text(v)}" for k, v in changed.items()]

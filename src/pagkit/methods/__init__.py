@@ -19,6 +19,17 @@ method     formula                                     scale convention
 ``AutoG`` is ``AutoGuidance`` (Karras et al. 2024): ε_weak is a weaker model's, under the condition c, in a
 pass of its own.
 
+Combination rules (``rules.py``; ``rule=`` on any term; ``RULES`` names them) replace a term's difference
+Δ = D_pos − D_neg in its contribution k·Δ (CFG: k = w − 1, ε_c + (w − 1)(ε_c − ε_u); the others: k = s):
+
+=================  ================================================  ==========================================
+rule               Δ'                                                neutral
+=================  ================================================  ==========================================
+``APG``            momentum β, cap r on ‖Δ‖, Δ⊥ + ηΔ∥ relative to D_pos   η = 1, r = None, β = 0
+``CFGZeroStar``    D_pos − s*·D_neg, s* = ⟨D_pos, D_neg⟩/‖D_neg‖²; ε̃ = 0  ``optimized_scale=False, zero_init_steps=0``
+                   on the first ``zero_init_steps``
+=================  ================================================  ==========================================
+
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
 ``GuidanceTerm`` subclass whose ``bind`` returns a ``base.Bound`` (see base.py), and one entry in ``METHODS``;
 its text form (``pagkit sample --guidance "pag:1,layers=mid"``, ``pagkit eval --methods … --options …``) is
@@ -27,6 +38,7 @@ read off its dataclass fields by ``pagkit.spec``, so the command line needs no c
 from .base import Bound, Branch, Context, Contrast, GuidanceTerm, Step, check_guidance, combine, rescale_guidance
 from .autoguidance import AutoGuidance
 from .cfg import CFG
+from .rules import APG, RULES, CFGZeroStar, Rule
 from .pag import PAG
 from .sag import SAG, NoiseSchedule
 from .seg import SEG
@@ -37,5 +49,6 @@ from .tpg import TPG
 METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG, "stg": STG,
                                       "tpg": TPG, "autoguidance": AutoGuidance}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "GuidanceTerm", "Bound",
-           "Branch", "Context", "Contrast", "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "RULES", "APG", "CFGZeroStar",
+           "Rule", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast", "Step", "NoiseSchedule",
+           "check_guidance", "combine", "rescale_guidance"]

@@ -150,4 +150,4 @@ class BoundAutoGuidance(Bound):
 
     def contribution(self, scale, step):
         """(w − 1)(ε_c − ε_weak,c), added to ε_c (or to CFG's ε_u + w_cfg(ε_c − ε_u))."""
-        return (scale - 1.0) * (step.eps["cond"] - self.weak_prediction(step))
+        return self.scaled_difference(scale - 1.0, step.eps["cond"], self.weak_prediction(step), step)

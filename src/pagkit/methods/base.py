@@ -10,7 +10,9 @@ which the denoiser asks, at each step where the term is active:
   ``routing.SkipBlock``) routed onto those rows;
 * ``captures(branch_names)``: sites whose attention map it reads, and on which branch's rows;
 * ``contribution(scale, step)``: its term of ε̃ from the branch predictions (``Step``), possibly after extra
-  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's);
+  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's). Every contribution is
+  k·(D_pos − D_neg), computed by ``Bound.scaled_difference``, the one place where the term's combination rule
+  (``rule=``, pagkit.methods.rules: APG, CFG-Zero*) replaces D_pos − D_neg;
 * ``adjust(scale, guided, step)``, where ``adjusts`` is set: a rule on the whole ε̃ once every contribution is
   in (STG's std rescale); at most one bound term per denoiser adjusts.
 
@@ -22,9 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from .rules import Rule
 
 
 def _check_number(name: str, value, low: float | None = None) -> None:
@@ -43,13 +48,23 @@ class GuidanceTerm:
     """Fraction of the steps after which it stops (1 = until the last step)."""
     scale_end: float | None = field(default=None, kw_only=True)
     """If set, the scale moves linearly from ``scale`` at ``start`` to ``scale_end`` at ``stop``."""
+    rule: Rule | None = field(default=None, kw_only=True)
+    """A combination rule for this term's difference (``pagkit.APG``, ``pagkit.CFGZeroStar``), or None."""
 
     neutral = 0.0  # the scale at which the term changes nothing
     unique = False  # at most one term of this method per denoiser
-    needs_scheduler = False  # whether binding needs the sampler's scheduler (SAG: x̂₀ and re-noising)
+
+    @property
+    def needs_scheduler(self) -> bool:
+        """Whether binding needs the sampler's scheduler (SAG: x̂₀ and re-noising; APG in x₀ space)."""
+        return self.rule is not None and self.rule.needs_scheduler
 
     def __post_init__(self):
+        from .rules import RULES, Rule
         name = type(self).__name__
+        if self.rule is not None and not isinstance(self.rule, Rule):
+            raise ValueError(f"{name} rule must be None or a combination rule "
+                             f"({', '.join(cls.__name__ for cls in RULES.values())}), got {self.rule!r}")
         _check_number(f"{name} scale", self.scale)
         if self.scale_end is not None:
             _check_number(f"{name} scale_end", self.scale_end)
@@ -125,9 +140,21 @@ class Bound:
     base = False  # supplies the base of ε̃ from the unconditional and conditional branches (CFG)
     order = 0  # 0: computed from the batched forward; 1: after it, with extra passes of its own
     adjusts = False  # whether ``adjust`` changes the whole ε̃ after the contributions (STG's rescale)
+    rule = None  # the term's bound combination rule (rules.BoundRule), set by ``bind``
 
     def __init__(self, term: GuidanceTerm, key: str):
         self.term, self.key = term, key
+
+    @property
+    def rule_acts(self) -> bool:
+        """Whether a rule changes the difference (a neutral one leaves it bit for bit)."""
+        return self.rule is not None and not self.rule.neutral
+
+    def scaled_difference(self, k: float, positive: torch.Tensor, negative: torch.Tensor, step: Step) -> torch.Tensor:
+        """k·(D_pos − D_neg), or k·Δ' with Δ' the term's rule applied to that difference (pagkit.methods.rules)."""
+        if not self.rule_acts:
+            return k * (positive - negative)
+        return k * self.rule.difference(positive, negative, step)
 
     def branches(self, scale: float) -> list[Branch]:
         return []
@@ -154,7 +181,14 @@ class Contrast(Bound):
         return [Branch(self.key, "cond", self.patches)]
 
     def contribution(self, scale, step):
-        return scale * (step.eps["cond"] - step.eps[self.key])
+        return self.scaled_difference(scale, step.eps["cond"], step.eps[self.key], step)
+
+
+def bind(term: GuidanceTerm, key: str, context: Context) -> Bound:
+    """``term.bind(key, context)`` with the term's rule bound alongside (each bound term keeps its own rule state)."""
+    bound = term.bind(key, context)
+    bound.rule = term.rule.bind(context) if term.rule is not None else None
+    return bound
 
 
 def check_guidance(guidance) -> list[GuidanceTerm]:

@@ -37,7 +37,7 @@ class SAG(GuidanceTerm):
     blur_sigma: float = 1.0
     kernel_size: int = 9
     unique = True
-    needs_scheduler = True
+    needs_scheduler = True  # (a class attribute over GuidanceTerm's property: always)
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,10 +69,11 @@ class BoundSAG(Bound):
 
     def contribution(self, scale, step):
         ref = step.reference
-        return scale * self.difference(step, step.eps[ref], step.inputs[ref], step.captured[self.site])
+        degraded = self.degraded(step, step.eps[ref], step.inputs[ref], step.captured[self.site])
+        return self.scaled_difference(scale, step.eps[ref], degraded, step)
 
-    def difference(self, step, ref_out, ref_inputs, captured):
-        """ε(x_t) − ε(x̃_t): x̃_t is x̂₀ blurred where attention concentrates, re-noised with the same ε."""
+    def degraded(self, step, ref_out, ref_inputs, captured):
+        """ε(x̃_t): x̃_t is x̂₀ blurred where attention concentrates, re-noised with the same ε."""
         x, t = step.x, step.t
         received, grid = captured
         h, w = grid
@@ -82,8 +83,7 @@ class BoundSAG(Bound):
         blurred = gaussian_blur(x0, self.term.blur_sigma, self.term.kernel_size)
         x0_degraded = blurred * mask + x0 * (1 - mask)
         x_degraded = self.schedule.add_noise(x0_degraded, eps, t)
-        degraded_out = step.call(x_degraded, t, ref_inputs)[:, :x.shape[1]]
-        return ref_out - degraded_out
+        return step.call(x_degraded, t, ref_inputs)[:, :x.shape[1]]
 
 
 class NoiseSchedule:
@@ -116,6 +116,14 @@ class NoiseSchedule:
         else:
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
         return x0, eps
+
+    def x0_gain(self, t) -> float:
+        """g = ∂x̂₀/∂(model output) at t: x̂₀ is affine in the prediction (ε: −√(1−ᾱ)/√ᾱ; v: −√(1−ᾱ); x₀: 1)."""
+        a = self.alpha_bar(t)
+        gains = {"epsilon": -math.sqrt(1 - a) / math.sqrt(a), "v_prediction": -math.sqrt(1 - a), "sample": 1.0}
+        if self.prediction_type not in gains:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        return gains[self.prediction_type]
 
     def add_noise(self, x0, eps, t):
         a = self.alpha_bar(t)
