@@ -7,6 +7,8 @@ Scale conventions (the papers'):
 * SEG:  ε̃ = ε + γ·(ε − ε_seg). ``scale`` is γ; 0 is off.
 * SAG:  ε̃ = ε + s·(ε(x_t) − ε(x̃_t)). ``scale`` is s; 0 is off.
 * SLG:  ε̃ = ε + s·(ε − ε_skip). ``scale`` is s, diffusers' ``skip_layer_guidance_scale``; 0 is off.
+* NAG:  ε_c itself, with attention outputs Z = αẐ + (1 − α)Z⁺, Z̃ = Z⁺ + φ(Z⁺ − Z⁻) capped at τ‖Z⁺‖₁.
+  ``scale`` is φ of Chen et al. (the official ``nag_scale`` is φ + 1); 0 is off. Combines with CFG only.
 
 With CFG, the perturbed branches use the condition c, so
 ε̃ = ε_u + w(ε_c − ε_u) + Σ_k s_k(ε_c − ε̂_c,k), which is what diffusers' PAG pipelines compute.
@@ -18,9 +20,9 @@ scale costs no forward work at that step.
 
 This module re-exports them; each method's own module in ``pagkit.methods`` documents it.
 """
-from .methods import (CFG, METHODS, PAG, SAG, SEG, SLG, GuidanceTerm, check_guidance, combine,  # noqa: F401
-                      rescale_guidance)
+from .methods import (CFG, METHODS, NAG, PAG, SAG, SEG, SLG, GuidanceTerm, check_guidance,  # noqa: F401
+                      combine, rescale_guidance)
 from .methods.base import _check_number  # noqa: F401
 
-__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "METHODS", "GuidanceTerm", "check_guidance", "combine",
+__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "NAG", "METHODS", "GuidanceTerm", "check_guidance", "combine",
            "rescale_guidance"]

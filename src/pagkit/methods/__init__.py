@@ -8,6 +8,8 @@ method     formula                                     scale convention
 ``SEG``    + γ(ε_c − ε_seg), queries blurred           γ; 0 is off
 ``SAG``    + s(ε(x_t) − ε(x̃_t)), an extra pass          s; 0 is off
 ``SLG``    + s(ε_c − ε_skip), blocks skipped           s, diffusers' ``skip_layer_guidance_scale``; 0 is off
+``NAG``    ε_c with attention Z = αẐ + (1−α)Z⁺,          φ of the paper (official ``nag_scale`` = φ + 1); 0 is
+           Z̃ = Z⁺ + φ(Z⁺ − Z⁻) capped at τ‖Z⁺‖₁ as Ẑ     off
 =========  ==========================================  =====================================================
 
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
@@ -15,12 +17,13 @@ method     formula                                     scale convention
 """
 from .base import Bound, Branch, Context, Contrast, GuidanceTerm, Step, check_guidance, combine, rescale_guidance
 from .cfg import CFG
+from .nag import NAG
 from .pag import PAG
 from .sag import SAG, NoiseSchedule
 from .seg import SEG
 from .slg import SLG
 
-METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG}
+METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG, "nag": NAG}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast",
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "NAG", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast",
            "Step", "NoiseSchedule", "check_guidance", "combine", "rescale_guidance"]

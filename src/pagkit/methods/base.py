@@ -6,11 +6,12 @@ blocks, its perturbation's RNG stream, the scheduler where it needs one) and ret
 which the denoiser asks, at each step where the term is active:
 
 * ``branches(scale)``: the extra rows it needs in the one batched forward, each a ``Branch``: which inputs the
-  rows read (``"cond"``/``"uncond"``) and the patches at sites or blocks (attention perturbations,
-  ``routing.SkipBlock``) routed onto those rows;
+  rows read (``"cond"``/``"uncond"``, with some replaced: NAG's negative prompt) and the patches at sites or
+  blocks (attention perturbations, ``routing.SkipBlock``, ``routing.CrossRows``) routed onto those rows;
 * ``captures(branch_names)``: sites whose attention map it reads, and on which branch's rows;
 * ``contribution(scale, step)``: its term of ε̃ from the branch predictions (``Step``), possibly after extra
-  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's).
+  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's); None when it adds
+  nothing (NAG, which rewrites ε_c itself: ``rewrites_cond``).
 
 The denoiser always runs the conditional branch ``"cond"``, and the unconditional branch ``"uncond"`` when a
 method with ``base = True`` (CFG) is active or the caller (a pipeline) does CFG itself. ε̃ is the base
@@ -45,6 +46,7 @@ class GuidanceTerm:
     neutral = 0.0  # the scale at which the term changes nothing
     unique = False  # at most one term of this method per denoiser
     needs_scheduler = False  # whether binding needs the sampler's scheduler (SAG: x̂₀ and re-noising)
+    rewrites_cond = False  # it changes the conditional rows themselves (NAG): only CFG may join it
 
     def __post_init__(self):
         name = type(self).__name__
@@ -85,6 +87,10 @@ class Branch:
     name: str  # "uncond", "cond", or the key of a method's branch
     conditioning: str  # which inputs it reads: "cond" or "uncond"
     patches: dict[str, object] = field(default_factory=dict)  # site or block name → Perturbation | SkipBlock
+    inputs: dict | Callable | None = None
+    """Model inputs that replace those of ``conditioning`` (NAG's negative prompt), or a function of the step's
+    ``{"cond": …, "uncond": …}`` inputs returning them."""
+    onto: str | None = None  # the branch whose rows its ``routing.CrossRows`` patches also rewrite (NAG: "cond")
 
     @property
     def perturbations(self) -> dict[str, object]:  # the name before block skips existed
@@ -165,6 +171,14 @@ def check_guidance(guidance) -> list[GuidanceTerm]:
     for cls in dict.fromkeys(type(t) for t in terms if t.unique):
         if sum(type(t) is cls for t in terms) > 1:
             raise ValueError(f"at most one {cls.__name__} term")
+    from .cfg import CFG
+    for rewriting in (t for t in terms if t.rewrites_cond):
+        others = [type(t).__name__ for t in terms if t is not rewriting and not isinstance(t, CFG)]
+        if others:
+            raise ValueError(f"{type(rewriting).__name__} rewrites the conditional prediction itself and combines "
+                             f"only with CFG; it cannot join {', '.join(others)} in one denoiser (their perturbed "
+                             f"branches would contrast the {type(rewriting).__name__}-guided ε_c against an "
+                             "unguided copy)")
     return terms
 
 
