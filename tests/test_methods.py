@@ -25,7 +25,7 @@ def _sample(model, guidance, steps=4, **kw):
 
 
 def test_every_method_lives_in_its_own_module_and_is_exported():
-    assert set(METHODS) == {"cfg", "pag", "seg", "sag", "slg", "stg", "tpg", "autoguidance"}
+    assert set(METHODS) == {"cfg", "pag", "seg", "sag", "slg", "stg", "tpg", "nag", "autoguidance"}
     for name, cls in METHODS.items():
         assert cls.__module__ == f"pagkit.methods.{name}"
         assert getattr(pagkit, cls.__name__) is cls

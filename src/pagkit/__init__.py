@@ -1,15 +1,15 @@
-"""pagkit: Perturbed-Attention Guidance and its siblings (SEG, SAG, SLG, STG, TPG, autoguidance) for diffusion
-models, training-free, with combination rules (APG, CFG-Zero*) for any of their differences."""
+"""pagkit: Perturbed-Attention Guidance and its siblings (SEG, SAG, SLG, STG, TPG, NAG, autoguidance) for
+diffusion models, training-free, with combination rules (APG, CFG-Zero*) for any of their differences."""
 from .backends.custom import adapt
 from .denoise import GuidedDenoiser, guide
-from .methods import (APG, CFG, METHODS, PAG, RULES, SAG, SEG, SLG, STG, TPG, AutoGuidance, CFGZeroStar,
+from .methods import (APG, CFG, METHODS, NAG, PAG, RULES, SAG, SEG, SLG, STG, TPG, AutoGuidance, CFGZeroStar,
                       GuidanceTerm)
 from .layers import LayerInfo, aliases, layers, resolve_layers
 from .pipelines import attach
 from .sample import sample
 
-__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "METHODS", "APG", "CFGZeroStar",
-           "RULES", "GuidanceTerm",
+__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "NAG", "AutoGuidance", "METHODS", "APG",
+           "CFGZeroStar", "RULES", "GuidanceTerm",
            "GuidedDenoiser", "LayerInfo", "adapt", "aliases", "attach",
            "guide", "layers", "resolve_layers", "sample"]
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@
     x_t ─┬─ uncond (if CFG is active)            ┐
          ├─ cond                                 ├─ one model call ─ split ─ base + Σ contributions ─ ε̃
          └─ cond, patched per method's branch    ┘
-            (attention perturbed: PAG, SEG; blocks skipped: SLG; block tokens shuffled: TPG)
+            (attention perturbed: PAG, SEG; blocks skipped: SLG; block tokens shuffled: TPG;
+             NAG: negative-prompt rows whose attention output is mixed into the cond rows')
                                    (SAG: + one pass of its own on the degraded x̃_t)
 
 Each method (``pagkit.methods``) says which branches it needs and what it contributes; this module only
@@ -103,10 +104,12 @@ class GuidedDenoiser:
         return branches, scales, cfg_scale
 
     def _shared_prefix(self, branches: list[Branch], b: int):
-        """Share the stages before the first patched site or block between ``cond`` and the patched branches."""
+        """Share the stages before the first patched site or block between ``cond`` and the patched branches
+        (only when every patched branch reads exactly the conditional inputs)."""
         perturbed = [br for br in branches if br.patches]
+        same_inputs = all(br.conditioning == "cond" and not br.inputs and br.onto is None for br in perturbed)
         stage_names = prefix_stages(self.model, sorted({n for br in perturbed for n in br.patches})) \
-            if perturbed and self.prefix_sharing else []
+            if perturbed and same_inputs and self.prefix_sharing else []
         if not stage_names:
             return contextlib.nullcontext()
         names = [br.name for br in branches]
@@ -114,6 +117,29 @@ class GuidedDenoiser:
         cond = names.index("cond")
         source = list(range(shared * b)) + [cond * b + j for _ in perturbed for j in range(b)]
         return shared_prefix(self.model, stage_names, shared * b, source)
+
+    def _branch_inputs(self, branch: Branch, inputs: dict, b: int) -> dict:
+        """The inputs of ``branch``'s rows: those of its conditioning, with ``branch.inputs`` (a dict, or a function
+        of this step's ``{"cond": …, "uncond": …}`` returning one) replacing some; a tensor of one row stands for
+        every sample."""
+        base = inputs[branch.conditioning]
+        if base is None:
+            raise ValueError(f"branch {branch.name} reads the unconditional inputs, but none were given (uncond=...)")
+        if not branch.inputs:
+            return base
+        replacements = branch.inputs(inputs) if callable(branch.inputs) else branch.inputs
+        out = dict(base)
+        for name, value in replacements.items():
+            ref = base.get(name)
+            if torch.is_tensor(value) and name not in self.backend.shared_inputs:
+                if value.ndim > 0 and value.shape[0] == 1 and b > 1:
+                    value = value.expand(b, *value.shape[1:])
+                if torch.is_tensor(ref) and ref.shape != value.shape:
+                    raise ValueError(f"branch {branch.name}: its {name} has shape {tuple(value.shape)}, the "
+                                     f"conditional one {tuple(ref.shape)}; they must match (a batch of 1 or {b}; pad "
+                                     "a text to the same length)")
+            out[name] = value
+        return out
 
     def _call(self, x, t, kwargs):
         return self.backend.call(self.forward, x, t, kwargs)
@@ -146,13 +172,16 @@ class GuidedDenoiser:
         shared = self.backend.shared_inputs
         x_batch = x.repeat(n, *([1] * (x.ndim - 1))) if n > 1 else x
         t_batch = cat_rows([t] * n, b) if torch.is_tensor(t) else t
-        kwargs = cat_rows([inputs[br.conditioning] for br in branches], b, shared) if n > 1 else inputs["cond"]
+        kwargs = cat_rows([self._branch_inputs(br, inputs, b) for br in branches], b, shared) if n > 1 \
+            else inputs["cond"]
         captures = {site: names.index(branch) for m in active for site, branch in m.captures(names).items()}
         layer_names = sorted({name for br in branches for name in br.patches} | set(captures))
         with routed(self.model, layer_names, self.backend) as router:
             router.info = self.backend.forward_info(self.model, x, cond)
             router.batch = x_batch.shape[0]
-            router.plan = [Segment(i * b, (i + 1) * b, br.patches) for i, br in enumerate(branches) if br.patches]
+            router.plan = [Segment(i * b, (i + 1) * b, br.patches,
+                                   None if br.onto is None else (names.index(br.onto) * b, (names.index(br.onto) + 1) * b))
+                           for i, br in enumerate(branches) if br.patches]
             for site, i in captures.items():
                 router.capture[site] = (i * b, (i + 1) * b)
             with self._shared_prefix(branches, b):
@@ -164,7 +193,9 @@ class GuidedDenoiser:
         learned_sigma = self.backend.learned_sigma(self.model) and out.shape[1] == 2 * channels
         eps = {k: v[:, :channels] for k, v in preds.items()} if learned_sigma else preds
         step = Step(x=x, t=t, inputs=inputs, eps=eps, captured=captured, call=self._call)
-        contributions = [m.contribution(scales[m.key], step) for m in active]
+        contributed = [(m, m.contribution(scales[m.key], step)) for m in active]
+        contributed = [(m, c) for m, c in contributed if c is not None]  # None: NAG rewrote ε_c itself
+        active, contributions = [m for m, _ in contributed], [c for _, c in contributed]
         finite = self._check_finite if self.check_finite else (lambda out, *_: out)
         adjusting = [m for m in active if m.adjusts]
         if external_cfg is not None:

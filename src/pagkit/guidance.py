@@ -12,6 +12,8 @@ Scale conventions (the papers'):
 * AutoGuidance: ε̃ = ε_weak + w·(ε − ε_weak) = ε + (w − 1)(ε − ε_weak), ε_weak from a weaker model under the
   same condition. ``scale`` is Karras' w; w = 1 is off.
 * TPG:  ε̃ = ε + s·(ε − ε_tpg). ``scale`` is s, the official ``tpg_scale``; 0 is off.
+* NAG:  ε_c itself, with attention outputs Z = αẐ + (1 − α)Z⁺, Z̃ = Z⁺ + φ(Z⁺ − Z⁻) capped at τ‖Z⁺‖₁.
+  ``scale`` is φ of Chen et al. (the official ``nag_scale`` is φ + 1); 0 is off. Combines with CFG only.
 
 With CFG, the perturbed branches use the condition c, so
 ε̃ = ε_u + w(ε_c − ε_u) + Σ_k s_k(ε_c − ε̂_c,k), which is what diffusers' PAG pipelines compute.
@@ -24,9 +26,9 @@ scale costs no forward work at that step.
 Any term takes a combination rule, ``rule=APG(...)`` or ``rule=CFGZeroStar(...)``, which replaces its
 difference (see ``pagkit.methods.rules``). This module re-exports them; each method's own module in ``pagkit.methods`` documents it.
 """
-from .methods import (APG, CFG, METHODS, PAG, RULES, SAG, SEG, SLG, STG, TPG, AutoGuidance, CFGZeroStar,  # noqa: F401
-                      GuidanceTerm, check_guidance, combine, rescale_guidance)
+from .methods import (APG, CFG, METHODS, NAG, PAG, RULES, SAG, SEG, SLG, STG, TPG, AutoGuidance,  # noqa: F401
+                      CFGZeroStar, GuidanceTerm, check_guidance, combine, rescale_guidance)
 from .methods.base import _check_number  # noqa: F401
 
-__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "METHODS", "APG", "CFGZeroStar",
+__all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "NAG", "AutoGuidance", "METHODS", "APG", "CFGZeroStar",
            "RULES", "GuidanceTerm", "check_guidance", "combine", "rescale_guidance"]

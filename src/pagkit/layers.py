@@ -82,7 +82,8 @@ def _segment_match(pattern: list[str], path: list[str]) -> bool:
     return False
 
 
-def _alias_hits(model: nn.Module, item: str, names: list[str], kind: str | None = None) -> list[str]:
+def _alias_hits(model: nn.Module, item: str, names: list[str], kind: str | None = None,
+                kinds: dict[str, str] | None = None) -> list[str]:
     """The sites an exact name or alias selects. A bare block alias (``mid``, ``down.1``) selects the block's
     spatial attention: its temporal sites (video motion modules) only when it holds nothing else; a name or glob
     that goes into them (``mid.motion_modules.0``, ``mid_block.motion_modules.*``) reaches them. With ``kind``
@@ -91,7 +92,7 @@ def _alias_hits(model: nn.Module, item: str, names: list[str], kind: str | None 
     hits = [n for n in names if _segment_match(parts, n.split("."))]
     bare = parts[0] in ALIAS_SEGMENTS and (len(parts) == 1 or (len(parts) == 2 and parts[1].isdigit()))
     if bare and item not in names and kind is None:
-        kinds = {s.name: s.kind for s in detect(model).sites(model)}
+        kinds = kinds or {s.name: s.kind for s in detect(model).sites(model)}
         return [n for n in hits if kinds[n] != "temporal"] or hits
     return hits
 
@@ -119,14 +120,17 @@ def aliases(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
-def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...], kind: str | None = None
-                   ) -> list[str]:
+def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...], kind: str | None = None,
+                   among: list[Site] | None = None) -> list[str]:
     """Names of the self-attention layers that ``selection`` picks, in module order, without repeats.
 
-    ``kind``: keep only the sites of that kind (see the module docstring); every item must select one."""
+    ``kind``: keep only the sites of that kind (see the module docstring); every item must select one.
+    ``among``: the sites to choose from instead of the perturbable ones (NAG: cross-, joint and single-stream
+    attention)."""
     items = [selection] if isinstance(selection, str) else list(selection)
-    found = sites(model)
+    found = sites(model) if among is None else {s.name: s for s in among}
     names = list(found)
+    kinds = {n: s.kind for n, s in found.items()}
     if not names:
         raise ValueError(f"{type(model).__name__} has no perturbable attention sites")
     if not items:
@@ -141,9 +145,11 @@ def resolve_layers(model: nn.Module, selection: str | list[str] | tuple[str, ...
         if any(c in item for c in "*?["):
             hits = fnmatch.filter(names, item)
         else:
-            hits = _alias_hits(model, item, names, kind)
+            hits = _alias_hits(model, item, names, kind, kinds)
         if not hits:
-            raise ValueError(_unknown_layer_message(model, item, names))
+            raise ValueError(_unknown_layer_message(model, item, names) if among is None else
+                             f"layer {item!r} selects none of the {len(names)} layers of {type(model).__name__} "
+                             f"it can choose from here: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")
         if kind is not None:
             of_kind = [n for n in hits if found[n].kind == kind]
             if not of_kind:

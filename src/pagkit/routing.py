@@ -8,12 +8,16 @@ calls: for the rows of each ``Segment`` of ``router.plan`` that names the site, 
 (from the family's backend); every other row gets the very SDPA call the model made.
 ``router.capture`` records, for SAG, the attention each key receives on chosen rows.
 
-Two more patch kinds act on a whole module (``level = "module"``): ``SKIP`` (a ``SkipBlock``) at a *block* (one
-of the backend's ``skip_blocks``) makes it return its input(s) on the segment's rows (SLG); the backend's
-``skip_output`` says which inputs those are. A ``TokenShuffle`` at a block (one of the backend's
-``token_blocks``) permutes the tokens entering it on the segment's rows, one fresh seeded permutation per call
-shared by those rows, before the block runs (TPG); the backend's ``token_span`` says which tokens are image
-tokens. A block is patched and restored in the same place as a site (``routed``).
+Three more patch kinds: ``SKIP`` (a ``SkipBlock``) at a *block* (one of the backend's ``skip_blocks``) makes it
+return its input(s) on the segment's rows (SLG); the backend's ``skip_output`` says which inputs those are. A
+``TokenShuffle`` at a block (one of the backend's ``token_blocks``) permutes the tokens entering it on the
+segment's rows, one fresh seeded permutation per call shared by those rows, before the block runs (TPG); the
+backend's ``token_span`` says which tokens are image tokens. Both act on the module's call (``level =
+"module"``). A ``CrossRows`` patch acts on a site's attention *output* across two row segments: on a segment
+whose ``onto`` names other rows (NAG: the negative-prompt rows, onto the conditional ones) both compute their
+attention unchanged, then the image tokens of both are rewritten from the pair (``CrossRows.mix``). Sites
+include the backend's ``cross_sites`` (cross-attention to the text), which only such patches use. A block is
+patched and restored in the same place as a site (``routed``).
 On exit, even after an exception, every module is as it was.
 """
 from __future__ import annotations
@@ -94,18 +98,36 @@ def _token_input(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor]:
     raise ValueError(f"pagkit cannot find the token input of a block called with {sorted(kwargs)}")
 
 
+class CrossRows:
+    """Patch kind: acts on a site's attention output across two row segments, its own and the segment's ``onto``
+    rows. Both compute the model's own attention; then ``mix(onto, own)`` (each (rows, heads, image tokens, d): the
+    image tokens of ``TokenLayout.image``) returns their new image-token outputs, in that order. Text tokens of a
+    joint or single-stream site keep their own outputs."""
+
+    level = "rows"
+
+    def mix(self, onto: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
 def _attention_patch(patch) -> bool:
-    return getattr(patch, "level", "attention") == "attention"
+    """Whether a patch acts at a site's attention call (a perturbation, or a ``CrossRows``), not on a module."""
+    return getattr(patch, "level", "attention") in ("attention", "rows")
+
+
+def _cross_rows(patch) -> bool:
+    return getattr(patch, "level", "attention") == "rows"
 
 
 @dataclass
 class Segment:
     """Rows ``start:stop`` of the batch get ``perturbations[site]`` at each site named there (or ``SKIP`` at a
-    block)."""
+    block); a ``CrossRows`` patch there also rewrites rows ``onto`` (a (start, stop) of the same size)."""
 
     start: int
     stop: int
     perturbations: dict[str, Perturbation] = field(default_factory=dict)
+    onto: tuple[int, int] | None = None
 
 
 @dataclass
@@ -165,7 +187,7 @@ class Router:
         return args, {**kwargs, where: x}
 
     def run_site(self, name: str, forward, args, kwargs):
-        segments = sorted(((s.start, s.stop, s.perturbations[name]) for s in self.plan
+        segments = sorted(((s.start, s.stop, s.perturbations[name], s.onto) for s in self.plan
                            if name in s.perturbations and _attention_patch(s.perturbations[name])),
                           key=lambda s: s[0])
         capture = self.capture.get(name)
@@ -207,11 +229,14 @@ class Router:
 
         if capture is not None:
             raise ValueError(f"SAG cannot read the attention map of adapted site {site.name}")
+        if any(_cross_rows(p) for _, _, p, _ in segments):
+            raise ValueError(f"site {site.name} computes its attention through an adapter; a cross-row patch (NAG) "
+                             "needs a site that calls scaled_dot_product_attention")
         # untouched rows: the module on the whole batch, so they are the unrouted model's bit for bit (a GEMM over
         # fewer rows may round differently)
-        plain = forward(*args, **kwargs) if sum(b - a for a, b, _ in segments) < batch else None
+        plain = forward(*args, **kwargs) if sum(b - a for a, b, _, _ in segments) < batch else None
         pieces, pos = [], 0
-        for a, b, perturbation in segments:
+        for a, b, perturbation, _ in segments:
             if a > pos:
                 pieces.append(plain[pos:a])
             pieces.append(perturbed(a, b, perturbation))
@@ -222,7 +247,8 @@ class Router:
 
     def attend(self, site: Site, segments, capture, query, key, value, attn_mask=None, dropout_p=0.0,
                is_causal=False, scale=None, enable_gqa=False, *, call: int = 0):
-        """The seam: SDPA for the untouched rows, each segment's perturbation for its rows.
+        """The seam: SDPA for the untouched rows, each segment's perturbation for its rows, then each cross-row
+        patch's mix of its rows and their ``onto`` rows.
 
         ``segments`` and ``capture`` name rows of the model's batch; the backend maps them to the rows of this
         (the ``call``-th) attention call where they differ (frames folded into the batch, one call per sample).
@@ -236,8 +262,8 @@ class Router:
                 raise ValueError(f"site {site.name}: the backend maps its {batch} attention rows to model rows "
                                  f"{model_rows.tolist()}; pagkit needs one non-decreasing model row per attention row")
 
-            segments = [(*_span(model_rows, a, b), p) for a, b, p in segments
-                        if _span(model_rows, a, b)[0] < _span(model_rows, a, b)[1]]
+            segments = [(*_span(model_rows, a, b), p, None if onto is None else _span(model_rows, *onto))
+                        for a, b, p, onto in segments if _span(model_rows, a, b)[0] < _span(model_rows, a, b)[1]]
             if capture is not None:
                 capture = _span(model_rows, *capture)
 
@@ -255,24 +281,45 @@ class Router:
             a, b = capture
             self.captured[site.name] = (_attention_received(query[a:b], key[a:b], rows(attn_mask, a, b), scale),
                                         layout.grid)
-        if not segments:
-            return plain(0, batch)
-        if is_causal:
-            raise ValueError(f"site {site.name} uses causal attention; pagkit perturbs bidirectional attention only")
-        k, v = key, value
-        if enable_gqa and k.shape[1] != query.shape[1]:  # grouped-query heads: expand K/V for the perturbation
-            k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
-        pieces, pos = [], 0
-        for a, b, perturbation in segments:
-            if a > pos:
-                pieces.append(plain(pos, a))
-            pieces.append(perturbation.attend(query[a:b], k[a:b], v[a:b], layout, rows(attn_mask, a, b), scale)
-                          .to(value.dtype))
-            pos = b
-        if pos < batch:
-            pieces.append(plain(pos, batch))
-        return torch.cat(pieces)
+        perturbing = [(a, b, p) for a, b, p, _ in segments if not _cross_rows(p)]
+        if not perturbing:
+            out = plain(0, batch)
+        else:
+            if is_causal:
+                raise ValueError(f"site {site.name} uses causal attention; pagkit perturbs bidirectional attention "
+                                 "only")
+            k, v = key, value
+            if enable_gqa and k.shape[1] != query.shape[1]:  # grouped-query heads: expand K/V for the perturbation
+                k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
+            pieces, pos = [], 0
+            for a, b, perturbation in perturbing:
+                if a > pos:
+                    pieces.append(plain(pos, a))
+                pieces.append(perturbation.attend(query[a:b], k[a:b], v[a:b], layout, rows(attn_mask, a, b), scale)
+                              .to(value.dtype))
+                pos = b
+            if pos < batch:
+                pieces.append(plain(pos, batch))
+            out = torch.cat(pieces)
+        for a, b, patch, onto in segments:
+            if _cross_rows(patch):
+                out = self._mix_rows(site, out, patch, (a, b), onto, layout)
+        return out
+
+    @staticmethod
+    def _mix_rows(site: Site, out: torch.Tensor, patch: CrossRows, own: tuple[int, int],
+                  onto: tuple[int, int] | None, layout) -> torch.Tensor:
+        """``out`` with the image tokens of rows ``onto`` and ``own`` replaced by ``patch.mix`` of the pair."""
+        if onto is None or onto[1] - onto[0] != own[1] - own[0] or max(own[1], onto[1]) > out.shape[0]:
+            raise ValueError(f"site {site.name}: a cross-row patch needs an onto segment of as many rows as its own "
+                             f"({own}), within the {out.shape[0]} rows of the attention call; got {onto}")
+        i, j = layout.image
+        new_onto, new_own = patch.mix(out[onto[0]:onto[1], :, i:j], out[own[0]:own[1], :, i:j])
+        out = out.clone()
+        out[onto[0]:onto[1], :, i:j] = new_onto.to(out.dtype)
+        out[own[0]:own[1], :, i:j] = new_own.to(out.dtype)
+        return out
 
 
 def _span(model_rows: torch.Tensor, a: int, b: int) -> tuple[int, int]:
@@ -319,7 +366,7 @@ class _AttentionSeam(TorchFunctionMode):
 def routed(model: nn.Module, site_names: list[str], backend: Backend | None = None) -> Iterator[Router]:
     """Route the named sites (and blocks, for ``SKIP``) of ``model`` through a Router; always restore on exit."""
     backend = backend or detect(model)
-    sites = {s.name: s for s in backend.sites(model)}
+    sites = {s.name: s for s in backend.sites(model) + backend.cross_sites(model)}
     unknown = [n for n in site_names if n not in sites]
     if unknown:
         blocks = set(backend.skip_blocks(model) or ()) | set(backend.token_blocks(model) or ())

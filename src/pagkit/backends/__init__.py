@@ -8,6 +8,9 @@ A backend says, for its family:
   ``spatial``: the tokens of one frame, ``temporal``: one position across the frames,
   ``spatiotemporal``: every token of the F×H×W grid; a joint or single-stream site of a
   video family has the F×H×W grid as its image tokens);
+* which attention computations are **cross-attention** from the image tokens to the text (``cross_sites``,
+  kind ``cross``): not perturbable sites (PAG and its siblings never select them), but where a method that
+  contrasts two conditions inside the network (NAG) acts;
 * where the image tokens sit in each site's sequence, and their grid (``layout``);
 * the **stages** that prefix sharing may run once for the conditional and perturbed rows;
 * which model inputs are **not** per sample (rotary tables, position ids), so nothing is
@@ -31,6 +34,7 @@ import torch.nn as nn
 from ..perturb import TokenLayout
 
 SITE_KINDS = ("self", "joint", "single", "spatial", "temporal", "spatiotemporal")
+CROSS_KIND = "cross"  # image (video) queries attending to text keys: ``Backend.cross_sites``, never a perturbable site
 SELF_KINDS = ("self", "spatial", "temporal", "spatiotemporal")  # sites whose whole sequence is image (video) tokens
 
 
@@ -84,6 +88,11 @@ class Backend:
     def sites(self, model: nn.Module) -> list[Site]:
         raise NotImplementedError
 
+    def cross_sites(self, model: nn.Module) -> list[Site]:
+        """The cross-attention layers (kind ``cross``: image or video queries, text keys and values), in forward
+        order; [] where the family has none (joint and single-stream families mix text in their sites)."""
+        return []
+
     def stages(self, model: nn.Module) -> list[str] | None:
         """Top-level stages in forward order whose inputs are all per sample, or None if not a plain list."""
         return None
@@ -110,7 +119,7 @@ class Backend:
 
     def layout(self, site: Site, seq_len: int, info: ForwardInfo | None) -> TokenLayout:
         grid = self.grid(site, info)
-        if site.kind in SELF_KINDS:
+        if site.kind in SELF_KINDS or site.kind == CROSS_KIND:  # a cross site's queries are all image tokens
             return TokenLayout.self_attention(seq_len, grid)
         return self.image_span(site, seq_len, grid, site.image_first)
 

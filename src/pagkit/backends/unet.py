@@ -1,7 +1,8 @@
 """UNets: diffusers ``UNet2DModel`` and ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL, Kolors, ControlNet pipelines).
 
 Sites are the image self-attention layers (``attn1`` of each transformer block, or the
-``Attention`` of UNet2DModel's attention blocks); cross-attention (``attn2``) is never a site.
+``Attention`` of UNet2DModel's attention blocks); cross-attention (``attn2``) is never a site, but is listed
+as ``cross_sites`` (kind ``cross``) for NAG.
 The token grid of a site is the input's H×W divided by the samplers before it.
 """
 from __future__ import annotations
@@ -47,11 +48,18 @@ class UNetBackend(Backend):
         return factors
 
     def sites(self, model):
+        return self._attention_sites(model, is_self_attention, "self")
+
+    def cross_sites(self, model):
+        """The text cross-attention layers (``attn2`` of each transformer block)."""
+        return self._attention_sites(model, lambda m: isinstance(m, Attention) and m.is_cross_attention, "cross")
+
+    def _attention_sites(self, model, select, kind):
         factors = self._factors(model)
         rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}  # UNets register up_blocks before mid_block
-        found = [(n, m) for n, m in model.named_modules() if is_self_attention(m)]
+        found = [(n, m) for n, m in model.named_modules() if select(m)]
         found.sort(key=lambda item: rank.get(item[0].split(".")[0], 0))
-        return [attention_site(n, m, downsampling=factors[max((p for p in factors if n.startswith(p)), key=len)])
+        return [attention_site(n, m, kind, downsampling=factors[max((p for p in factors if n.startswith(p)), key=len)])
                 for n, m in found]
 
     def stages(self, model):

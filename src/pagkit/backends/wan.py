@@ -3,7 +3,8 @@
 Each block's ``attn1`` is a **spatiotemporal** site: full 3-D self-attention over the F×H×W
 video tokens (frame-major, as the patch embedding flattens them). Its processor applies
 RMS QK-norm across all heads, then the 3-D RoPE, before pagkit sees q and k. ``attn2`` is
-cross-attention to the text (and, for image-to-video, image) tokens and is never a site.
+cross-attention to the text (and, for image-to-video, image) tokens and is never a site; it is listed as a
+``cross_sites`` layer (kind ``cross``) for NAG.
 ``patch_size`` is a (t, h, w) tuple; the grid of a forward is F/p_t × H/p_h × W/p_w of the latent
 (B, C, F, H, W). The rotary table (``rotary_emb``, passed positionally to every block) is shared by all samples.
 """
@@ -29,6 +30,11 @@ class WanBackend(Backend):
         # a non-square patch: the forward's grid is given in tokens (forward_info) and sites divide by 1
         down = p_h if p_h == p_w else 1
         return [Site(f"blocks.{i}.attn1", "spatiotemporal", b.attn1.heads, b.attn1.to_q.in_features, down)
+                for i, b in enumerate(model.blocks)]
+
+    def cross_sites(self, model):
+        down = self.sites(model)[0].downsampling if len(model.blocks) else 1
+        return [Site(f"blocks.{i}.attn2", "cross", b.attn2.heads, b.attn2.to_q.in_features, down)
                 for i, b in enumerate(model.blocks)]
 
     def stages(self, model):

@@ -14,6 +14,8 @@ method     formula                                     scale convention
            (STG-A); optional std rescale
 ``AutoG``  + (w − 1)(ε_c − ε_weak), a weaker model      Karras' w (ε_weak + w(ε − ε_weak)); 1 is off
 ``TPG``    + s(ε_c − ε_tpg), block tokens shuffled     s, the official ``tpg_scale``; 0 is off
+``NAG``    ε_c with attention Z = αẐ + (1−α)Z⁺,          φ of the paper (official ``nag_scale`` = φ + 1); 0 is
+           Z̃ = Z⁺ + φ(Z⁺ − Z⁻) capped at τ‖Z⁺‖₁ as Ẑ     off
 =========  ==========================================  =====================================================
 
 ``AutoG`` is ``AutoGuidance`` (Karras et al. 2024): ε_weak is a weaker model's, under the condition c, in a
@@ -39,6 +41,7 @@ from .base import Bound, Branch, Context, Contrast, GuidanceTerm, Step, check_gu
 from .autoguidance import AutoGuidance
 from .cfg import CFG
 from .rules import APG, RULES, CFGZeroStar, Rule
+from .nag import NAG
 from .pag import PAG
 from .sag import SAG, NoiseSchedule
 from .seg import SEG
@@ -47,8 +50,8 @@ from .stg import STG
 from .tpg import TPG
 
 METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "sag": SAG, "slg": SLG, "stg": STG,
-                                      "tpg": TPG, "autoguidance": AutoGuidance}
+                                      "tpg": TPG, "nag": NAG, "autoguidance": AutoGuidance}
 
-__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "AutoGuidance", "RULES", "APG", "CFGZeroStar",
-           "Rule", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast", "Step", "NoiseSchedule",
+__all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "NAG", "AutoGuidance", "RULES", "APG",
+           "CFGZeroStar", "Rule", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast", "Step", "NoiseSchedule",
            "check_guidance", "combine", "rescale_guidance"]

@@ -6,13 +6,14 @@ blocks, its perturbation's RNG stream, the scheduler where it needs one) and ret
 which the denoiser asks, at each step where the term is active:
 
 * ``branches(scale)``: the extra rows it needs in the one batched forward, each a ``Branch``: which inputs the
-  rows read (``"cond"``/``"uncond"``) and the patches at sites or blocks (attention perturbations,
-  ``routing.SkipBlock``) routed onto those rows;
+  rows read (``"cond"``/``"uncond"``, with some replaced: NAG's negative prompt) and the patches at sites or
+  blocks (attention perturbations, ``routing.SkipBlock``, ``routing.CrossRows``) routed onto those rows;
 * ``captures(branch_names)``: sites whose attention map it reads, and on which branch's rows;
 * ``contribution(scale, step)``: its term of ε̃ from the branch predictions (``Step``), possibly after extra
-  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's). Every contribution is
-  k·(D_pos − D_neg), computed by ``Bound.scaled_difference``, the one place where the term's combination rule
-  (``rule=``, pagkit.methods.rules: APG, CFG-Zero*) replaces D_pos − D_neg;
+  passes of its own (``order = 1``: computed after the batched forward, e.g. SAG's); None when it adds
+  nothing (NAG, which rewrites ε_c itself: ``rewrites_cond``). Every contribution is k·(D_pos − D_neg),
+  computed by ``Bound.scaled_difference``, the one place where the term's combination rule (``rule=``,
+  pagkit.methods.rules: APG, CFG-Zero*) replaces D_pos − D_neg;
 * ``adjust(scale, guided, step)``, where ``adjusts`` is set: a rule on the whole ε̃ once every contribution is
   in (STG's std rescale); at most one bound term per denoiser adjusts.
 
@@ -59,6 +60,8 @@ class GuidanceTerm:
         """Whether binding needs the sampler's scheduler (SAG: x̂₀ and re-noising; APG in x₀ space)."""
         return self.rule is not None and self.rule.needs_scheduler
 
+    rewrites_cond = False  # it changes the conditional rows themselves (NAG): only CFG may join it
+
     def __post_init__(self):
         from .rules import RULES, Rule
         name = type(self).__name__
@@ -102,6 +105,10 @@ class Branch:
     name: str  # "uncond", "cond", or the key of a method's branch
     conditioning: str  # which inputs it reads: "cond" or "uncond"
     patches: dict[str, object] = field(default_factory=dict)  # site or block name → Perturbation | SkipBlock
+    inputs: dict | Callable | None = None
+    """Model inputs that replace those of ``conditioning`` (NAG's negative prompt), or a function of the step's
+    ``{"cond": …, "uncond": …}`` inputs returning them."""
+    onto: str | None = None  # the branch whose rows its ``routing.CrossRows`` patches also rewrite (NAG: "cond")
 
     @property
     def perturbations(self) -> dict[str, object]:  # the name before block skips existed
@@ -206,6 +213,14 @@ def check_guidance(guidance) -> list[GuidanceTerm]:
     for cls in dict.fromkeys(type(t) for t in terms if t.unique):
         if sum(type(t) is cls for t in terms) > 1:
             raise ValueError(f"at most one {cls.__name__} term")
+    from .cfg import CFG
+    for rewriting in (t for t in terms if t.rewrites_cond):
+        others = [type(t).__name__ for t in terms if t is not rewriting and not isinstance(t, CFG)]
+        if others:
+            raise ValueError(f"{type(rewriting).__name__} rewrites the conditional prediction itself and combines "
+                             f"only with CFG; it cannot join {', '.join(others)} in one denoiser (their perturbed "
+                             f"branches would contrast the {type(rewriting).__name__}-guided ε_c against an "
+                             "unguided copy)")
     return terms
 
 
