@@ -166,7 +166,8 @@ def cmd_train(args) -> None:
     from .train import TrainConfig, train
     cfg = TrainConfig(out=args.out, conditional=args.conditional, size=args.size, max_steps=args.max_steps,
                       time_budget_min=args.time_budget_min, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      threads=args.threads, checkpoint_every=args.checkpoint_every, data_dir=args.data)
+                      threads=args.threads, checkpoint_every=args.checkpoint_every, data_dir=args.data,
+                      stop_at_step=args.stop_at_step)
     final = train(cfg)
     print(f"final EMA pipeline: {final}")
 
@@ -469,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditional", action="store_true", help="class-conditional, with a null class for CFG")
     p.add_argument("--size", choices=["small", "tiny"], default="small")
     p.add_argument("--max-steps", type=_positive_int, default=6000)
+    p.add_argument("--stop-at-step", type=_positive_int, default=None,
+                   help="stop after this step (with a checkpoint; resumable), the schedules still set by "
+                        "--max-steps: how the 25%% snapshot fmnist-weak is made")
     p.add_argument("--time-budget-min", type=_finite, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_finite, default=1e-3)
