@@ -45,6 +45,8 @@ ALL_LAYERS = "down.1;down.2;mid;up.0.attentions.0;up.0.attentions.1;up.1.attenti
 THIRDS = "0:0.34,0.33:0.67,0.66:1"
 
 COMMON = "--num-samples 500 --seed-sets 0 --steps 20 --quiet"
+# the best PAG setting of table 9 by its rule (section 9a), repeated under trailing spacing (issue 22, item 6)
+MAP_BEST_PAG = ("up.0.attentions.1", "0.5")
 TABLE1_METHODS = (f"--methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS}",
                   f"--methods seg --scales {SEG_SCALE} --layers {SEG_LAYERS} --seg-sigmas inf,2",
                   f"--methods sag --scales {SAG_SCALE} --sag-layers mid",
@@ -116,13 +118,18 @@ TABLES = [
     dict(title="9. The completed map: every self-attention site alone at small scales (PAG and SEG)",
          note="Seed set 0, 500 samples per row, DDIM-20 (issue 22). Tables 2 and 3 tried small PAG scales on the "
               "encoder layers only and every layer only at s = 3; here every site gets every small scale, SEG "
-              "(σ = ∞) gets the same sweep, and PAG s = 1 on `mid` is paired with each of its neighbours.",
+              "(σ = ∞) gets the same sweep, and PAG s = 1 on `mid` is paired with each of its neighbours. The last "
+              "two rows repeat no guidance and the best PAG setting so far (section 9a) under `trailing` timestep "
+              "spacing (DDIM-20 from t = 999, as the issue's independent loop) instead of the shipped scheduler's "
+              "`leading` (from t = 950).",
          commands=[f"pagkit eval --model fmnist --methods none,pag --scales 0.25,0.5,1,1.5,2 --layers '{ALL_LAYERS}' "
                    f"{COMMON} --out {MAP}",
                    f"pagkit eval --model fmnist --methods seg --scales 0.5,1,2 --seg-sigmas inf "
                    f"--layers '{ALL_LAYERS}' {COMMON} --out {MAP}",
                    f"pagkit eval --model fmnist --methods pag --scales 1 --layers 'mid,down.2;mid,up.0.attentions.0' "
-                   f"{COMMON} --out {MAP}"]),
+                   f"{COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods none,pag --scales {MAP_BEST_PAG[1]} --layers {MAP_BEST_PAG[0]} "
+                   f"--timestep-spacing trailing {COMMON} --out {MAP}"]),
 ]
 
 
@@ -299,7 +306,9 @@ def _label(r: dict) -> str:
 def _selection_lines(rows: list[dict], missing: int = 0) -> list[str]:
     """Table 9's choice by the rule of docs/notes/table9.md (pagkit.evaluate.choose_settings)."""
     from pagkit.evaluate import choose_settings, flatten
-    flat = flatten(rows)
+    # candidates are the map's own sampling (the shipped scheduler's spacing); the trailing-spacing rows of
+    # table 9 compare samplers and are not candidates
+    flat = [r for r in flatten(rows) if not r["timestep_spacing"]]
     lines = ["### 9a. Selection by the rule fixed before the rows (docs/notes/table9.md)", ""]
     if missing:
         lines += [f"**Provisional:** {missing} configurations of this table are not computed yet; the rule is "
