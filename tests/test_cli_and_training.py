@@ -105,7 +105,7 @@ def test_stop_at_step_gives_the_full_runs_snapshot_exports_it_and_resumes_to_the
     with pytest.raises(ValueError, match="no EMA snapshot 'ema-50pct' \\(snapshots: ema-25pct\\)"):
         export_model(tmp_path / "weak", shipped / "fmnist-weak", command="train", snapshot="ema-50pct")
     monkeypatch.setattr(load, "SHIPPED_DIR", shipped)
-    with pytest.raises(FileNotFoundError, match="fmnist-weak is the fmnist run's EMA snapshot.*stop_at_step=1500"):
+    with pytest.raises(FileNotFoundError, match="fmnist-weak is the fmnist run.s EMA snapshot.*--stop-at-step 1500"):
         load.load_model("fmnist-weak")
     export_model(tmp_path / "weak", shipped / "fmnist-weak", command="train --stop-at-step 2", snapshot="ema-25pct")
     card = io.read_json(shipped / "fmnist-weak" / "card.json")

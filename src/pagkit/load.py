@@ -24,9 +24,9 @@ SCHEDULERS = {
 # models pagkit ships once they are trained here (their weights are not in every copy): how to make each one
 TO_TRAIN = {
     "fmnist-weak": "the fmnist run's EMA snapshot at 25% of its first budget (step 1500 of --max-steps 6000), the "
-                   "weak model for pagkit.AutoGuidance; train it with pagkit.train.train(TrainConfig(out=...,"
-                   " max_steps=6000, stop_at_step=1500)) and export_model(..., snapshot=\"ema-25pct\") into "
-                   "src/pagkit/models/fmnist-weak",
+                   "weak model for pagkit.AutoGuidance, not shipped yet; train it with `pagkit train --out "
+                   "runs/fmnist-weak --max-steps 6000 --stop-at-step 1500` (about 30 min on one core) and give "
+                   "weak_model=runs/fmnist-weak/ema-25pct",
 }
 
 
