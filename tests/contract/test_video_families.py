@@ -20,6 +20,7 @@ import video_models as V  # noqa: E402
 from contract.reference import patch_attention  # noqa: E402
 
 import pagkit  # noqa: E402
+import pagkit.prefix  # noqa: E402
 from pagkit.backends import SITE_KINDS  # noqa: E402
 from pagkit.denoise import GuidedDenoiser  # noqa: E402
 from pagkit.perturb import Identity, QueryBlur, Uniform  # noqa: E402
@@ -356,13 +357,11 @@ def test_animatediff_perturbed_branch_equals_the_explicit_reference(mode, monkey
         assert (ours - plain).abs().max() > 1e-4, names
 
 
-def test_animatediff_neutral_untouched_rows_prefix_fallback_and_restore():
-    import pagkit.prefix
+def test_animatediff_neutral_untouched_rows_prefix_sharing_and_restore():
     model = V.animatediff()
     x, t, cond = V.animatediff_inputs(batch=3)
     plain = _call(model, x, t, cond)
     names = [i.name for i in pagkit.layers(model)]
-    pagkit.prefix._warned.discard("UNetMotionModel")
     per_sample = GuidedDenoiser(model, []).backend.per_sample_inputs(model, x, cond)
     assert per_sample["encoder_hidden_states"].shape[:2] == (3, 3)  # (B, F, S, C): one row per sample
     neutral = GuidedDenoiser(model, [pagkit.PAG(0.0, layers=names)]).predict(x, t, per_sample)
@@ -371,11 +370,21 @@ def test_animatediff_neutral_untouched_rows_prefix_fallback_and_restore():
         out = _routed_call(model, names, Identity(), x, t, cond, rows=rows)
         for r in range(3):
             assert torch.equal(out[r], plain[r]) != (r == rows[0]), (rows, r)
-    # batched [c; PAG; SEG] (no stage list: the plain batched pass) = separate perturbed calls
+    # batched [c; PAG; SEG] = separate perturbed calls; prefix sharing (conv_in and the down blocks run on the
+    # conditional sample's F folded rows, copied F rows a branch) = the full batched pass
     mid = "mid"
     terms = [pagkit.PAG(2.0, layers=mid), pagkit.SEG(1.5, sigma=SIGMA, layers=mid)]
-    with pytest.warns(UserWarning, match="prefix sharing does not know the layout of UNetMotionModel"):
-        batched = GuidedDenoiser(model, terms).predict(x, t, per_sample)
+    assert pagkit.prefix.prefix_stages(model, pagkit.resolve_layers(model, mid)) == [
+        "conv_in", "down_blocks.0", "down_blocks.1"]
+    batched = GuidedDenoiser(model, terms).predict(x, t, per_sample)
+    full = GuidedDenoiser(model, terms, prefix_sharing=False).predict(x, t, per_sample)
+    torch.testing.assert_close(batched, full, rtol=0, atol=1e-5)
+    calls = []
+    hook = model.down_blocks[0].resnets[0].register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((list(args) + list(kwargs.values()))[0].shape[0]), with_kwargs=True)
+    GuidedDenoiser(model, terms).predict(x, t, per_sample)
+    hook.remove()
+    assert calls == [3 * 3]  # inside the shared stage, the conditional rows only: 3 samples × 3 frames, not 27
     [site] = pagkit.resolve_layers(model, mid)
     separate = plain + 2.0 * (plain - _routed_call(model, [site], Identity(), x, t, cond)) \
         + 1.5 * (plain - _routed_call(model, [site], QueryBlur(SIGMA), x, t, cond))
