@@ -141,3 +141,55 @@ def animatediff_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 4, frames, h, w, generator=g), torch.tensor(500),
             dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g).repeat_interleave(frames, dim=0)))
+
+
+def hunyuan_video15(seed=0, num_layers=2):
+    """HunyuanVideo 1.5-shaped: double-stream blocks only, one refiner layer, ByT5 and image context."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                            attention_head_dim=10, num_layers=num_layers, num_refiner_layers=1,
+                                            patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+                                            image_embed_dim=12, rope_axes_dim=(2, 4, 4)).eval()
+
+
+def hunyuan_video15_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5, text_2=4, image=3):
+    """Latents (B, C, F, H, W): a 3 × 4 × 6 token grid; the last sample's MLLM text has two padding tokens and its
+    ByT5 text one; text-to-video, so the image embeddings are zeros (the model then masks them all)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[-1, -2:] = 0
+    mask_2 = torch.ones(batch, text_2, dtype=torch.long)
+    mask_2[-1, -1:] = 0
+    return (torch.randn(batch, 4, frames, h, w, generator=g), torch.tensor([500.0] * batch),
+            dict(encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask,
+                 encoder_hidden_states_2=torch.randn(batch, text_2, 8, generator=g), encoder_attention_mask_2=mask_2,
+                 image_embeds=torch.zeros(batch, image, 12)))
+
+
+def ltx2(seed=0, num_layers=2, perturbed_attn=True):
+    """LTX-2-shaped: video and audio streams in every block; ``perturbed_attn``: the processors of LTX-2.3, which
+    carry the model's own STG (``spatio_temporal_guidance_blocks``); with no mask given they are LTX-2.0's."""
+    from diffusers import LTX2VideoTransformer3DModel
+    torch.manual_seed(seed)
+    return LTX2VideoTransformer3DModel(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+                                       num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                       audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+                                       audio_attention_head_dim=4, audio_cross_attention_dim=8,
+                                       num_layers=num_layers, caption_channels=16, rope_type="split",
+                                       rope_double_precision=False, vae_scale_factors=(2, 2, 2),
+                                       perturbed_attn=perturbed_attn).eval()
+
+
+def ltx2_inputs(batch=2, seed=1, frames=3, h=4, w=6, text=5, audio=5):
+    """Packed video latents (B, F·H·W, C) and audio latents (B, T_a, C_a) as LTX2Pipeline passes them; the last
+    sample's text has two padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text)
+    mask[-1, -2:] = 0
+    return (torch.randn(batch, frames * h * w, 4, generator=g), torch.tensor([500.0] * batch),
+            dict(audio_hidden_states=torch.randn(batch, audio, 4, generator=g),
+                 encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+                 audio_encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+                 encoder_attention_mask=mask, audio_encoder_attention_mask=mask,
+                 num_frames=frames, height=h, width=w, audio_num_frames=audio, fps=24.0))

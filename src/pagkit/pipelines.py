@@ -88,11 +88,11 @@ def _progress(pipe, timestep, divisor: float = 1.0) -> float:
 
 
 @contextmanager
-def _recording_call_arguments(pipe, on_call=None):
-    """Swap in a subclass of the pipeline whose ``__call__`` records its bound arguments; restore on exit."""
+def _recording_call_arguments(pipe, call_args: dict, on_call=None):
+    """Swap in a subclass of the pipeline whose ``__call__`` records its bound arguments into ``call_args``;
+    restore on exit."""
     cls = type(pipe)
     signature = inspect.signature(cls.__call__)
-    call_args: dict = {}
 
     def recording_call(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
@@ -116,6 +116,9 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
 
     CFG stays the pipeline's own (its ``guidance_scale``); passing ``pagkit.CFG`` here is an error.
     ``guidance_rescale`` is also the pipeline's own argument where it has one.
+    A pipeline with a second expert (Wan 2.2's ``transformer_2``, the low-noise stage below its
+    ``boundary_ratio``) has each expert guided, the terms bound to each model on its own, with that stage's CFG
+    scale (``guidance_scale_2``); the pipeline switches between them as it does without pagkit.
     """
     terms = check_guidance(guidance)
     if any(isinstance(t, CFG) and t.rule is not None for t in terms):
@@ -129,6 +132,36 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     model = getattr(pipe, name, None)
     if model is None:
         raise ValueError(f"{type(pipe).__name__} has no unet or transformer to guide")
+    experts = [(model, lambda call_args: _pipeline_cfg_scale(pipe, call_args))]
+    second = getattr(pipe, "transformer_2", None) if name == "transformer" else None
+    if second is not None:  # Wan 2.2: the low-noise expert, with the pipeline's guidance_scale_2
+        def second_scale(call_args):
+            w = _pipeline_cfg_scale(pipe, call_args)
+            w2 = getattr(pipe, "_guidance_scale_2", None)
+            return w if w is None or w2 is None else float(w2)
+        experts.append((second, second_scale))
+    call_args: dict = {}
+    wrapped = []
+    try:
+        for expert, cfg_scale in experts:
+            wrapped.append(_wrap_denoiser(pipe, expert, terms, guidance_rescale, call_args, cfg_scale))
+        with _recording_call_arguments(pipe, call_args, on_call=lambda: [w.new_run() for w in wrapped]):
+            yield pipe
+    finally:
+        for w in reversed(wrapped):
+            w.restore()
+
+
+class _Wrapped:
+    """One denoiser of a pipeline with its forward (and ``cache_context``) replaced; ``restore`` undoes it."""
+
+    def __init__(self, new_run, restore):
+        self.new_run, self.restore = new_run, restore
+
+
+def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_scale) -> _Wrapped:
+    """Replace ``model``'s forward by the guided one (see ``attach``); ``cfg_scale(call_args)``: the CFG scale the
+    pipeline applies to this model's predictions, or None."""
     had_own_forward = "forward" in vars(model)  # e.g. accelerate's offload hooks
     original_forward = model.forward
     signature = inspect.signature(original_forward)
@@ -145,7 +178,7 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
         x, t = denoiser.backend.input_batch(model, inputs.pop(first)), inputs.pop(denoiser.backend.timestep_name)
         inputs = denoiser.backend.per_sample_inputs(model, x, inputs)
         progress = _progress(pipe, denoiser.backend.scheduler_timestep(t))
-        w = _pipeline_cfg_scale(pipe, call_args)
+        w = cfg_scale(call_args)
         w_separate = _separate_cfg_scale(call_args)
         if w_separate is None and w is not None and context.get("name") in ("cond", "uncond"):
             w, w_separate = None, w  # CFG as two calls the pipeline names (WanPipeline), not a [∅; c] batch
@@ -201,10 +234,8 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     model.forward = guided_forward
     if original_context is not None:
         model.cache_context = naming_cache_context
-    try:
-        with _recording_call_arguments(pipe, on_call=new_run) as call_args:
-            yield pipe
-    finally:
+
+    def restore():
         if had_own_forward:
             model.forward = original_forward
         else:
@@ -214,3 +245,4 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
                 model.cache_context = original_context
             else:
                 del model.cache_context
+    return _Wrapped(new_run, restore)

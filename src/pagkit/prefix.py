@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from .backends import detect
-from .batch import map_rows
 from .routing import restore_forwards
 
 _warned: set[str] = set()
@@ -47,6 +46,21 @@ def prefix_stages(model: nn.Module, perturbed_layers: list[str]) -> list[str]:
     return order[:first] if first is not None else []
 
 
+def _map_tensors(value, fn, shared: frozenset, name: str | None = None):
+    """``fn`` on every tensor inside dicts, lists, tuples and diffusers outputs, except inputs named in ``shared``."""
+    if name is not None and name in shared:
+        return value
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn, shared, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_map_tensors(v, fn, shared) for v in value)
+    if hasattr(value, "to_tuple") and hasattr(value, "keys"):  # diffusers BaseOutput
+        return type(value)(**{k: _map_tensors(value[k], fn, shared, k) for k in value.keys()})
+    return value
+
+
 @contextmanager
 def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, source_rows: list[int]
                   ) -> Iterator[None]:
@@ -54,18 +68,42 @@ def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, so
 
     ``source_rows`` lists, for the whole batch, which shared row each row equals
     (``source_rows[r] == r`` for the shared rows themselves). Inputs the family's backend lists as shared
-    (rotary tables, position ids) pass through whole.
+    (rotary tables, position ids) pass through whole. A stage tensor with k rows per sample (a family that folds
+    frames into its stages' batch, sample outermost: ``Backend.module_rows``) is sliced and copied k rows a
+    sample.
     """
-    shared = detect(model).shared_inputs
+    backend = detect(model)
+    shared = backend.shared_inputs
     modules = dict(model.named_modules())
     index = torch.tensor(source_rows, dtype=torch.long)
     batch = len(source_rows)
 
-    def take(value, name=None):
-        return map_rows(value, batch, lambda v: v[:shared_rows], shared, name)
+    def fold(stage, rows, model_rows):
+        """k when a stage tensor of ``rows`` rows holds k rows per sample of ``model_rows`` samples, sample
+        outermost (the family folds frames into its stages' batch: ``Backend.module_rows``); else None."""
+        if rows == model_rows:
+            return 1
+        if rows % model_rows:
+            return None
+        try:
+            return rows // model_rows if backend.module_rows(stage, rows, model_rows) is not None else None
+        except ValueError:
+            return None
 
-    def expand(value):
-        return map_rows(value, shared_rows, lambda v: v.index_select(0, index.to(v.device)), shared)
+    def take(stage, value, name=None):
+        def first_rows(v):
+            k = fold(stage, v.shape[0], batch) if v.ndim else None
+            return v if k is None else v[:shared_rows * k]
+        return _map_tensors(value, first_rows, shared, name)
+
+    def expand(stage, value):
+        def all_rows(v):
+            k = fold(stage, v.shape[0], shared_rows) if v.ndim else None
+            if k is None:
+                return v
+            rows = index if k == 1 else (index[:, None] * k + torch.arange(k)).flatten()
+            return v.index_select(0, rows.to(v.device))
+        return _map_tensors(value, all_rows, shared)
 
     patched = []
     try:
@@ -79,9 +117,9 @@ def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, so
             except (TypeError, ValueError):  # no signature to read: positional arguments go unnamed
                 names = []
 
-            def forward(*args, __original=original, __names=names, **kwargs):
-                args = tuple(take(a, __names[i] if i < len(__names) else None) for i, a in enumerate(args))
-                return expand(__original(*args, **take(kwargs)))
+            def forward(*args, __original=original, __names=names, __stage=name, **kwargs):
+                args = tuple(take(__stage, a, __names[i] if i < len(__names) else None) for i, a in enumerate(args))
+                return expand(__stage, __original(*args, **take(__stage, kwargs)))
 
             had_own = "forward" in vars(module)
             module.forward = forward

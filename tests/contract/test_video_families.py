@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models import attention_processor
-from diffusers.models.transformers import transformer_hunyuan_video, transformer_ltx, transformer_wan
+from diffusers.models.transformers import (transformer_hunyuan_video, transformer_hunyuan_video15, transformer_ltx,
+                                          transformer_ltx2, transformer_wan)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import video_models as V  # noqa: E402
 from contract.reference import patch_attention  # noqa: E402
 
 import pagkit  # noqa: E402
+import pagkit.prefix  # noqa: E402
 from pagkit.backends import SITE_KINDS  # noqa: E402
 from pagkit.denoise import GuidedDenoiser  # noqa: E402
 from pagkit.perturb import Identity, QueryBlur, Uniform  # noqa: E402
@@ -26,7 +28,8 @@ from pagkit.routing import Router, Segment, routed  # noqa: E402
 
 # per family: builder, inputs, the token grid F×H×W of those inputs, the kinds of its sites, where the image tokens
 # sit in a joint/single sequence (read off the processors; None: self-attention only), modules that hold attention
-# but must not be sites, and the diffusers modules whose attention call the reference replaces
+# but must not be sites, and the diffusers modules whose attention call the reference replaces; ``audio``: the
+# sites over LTX-2's audio tokens (self-attention along time, grid T_a × 1 × 1)
 FAMILIES = {
     "wan": dict(build=V.wan, inputs=V.wan_inputs, grid=(3, 4, 6), kinds={"spatiotemporal"}, image_first=None,
                 not_sites=["blocks.0.attn2", "blocks.1.attn2"], dispatch=[transformer_wan], functional=[]),
@@ -41,6 +44,14 @@ FAMILIES = {
     "ltx": dict(build=V.ltx, inputs=V.ltx_inputs, grid=(3, 4, 6), kinds={"spatiotemporal"}, image_first=None,
                 not_sites=["transformer_blocks.0.attn2", "transformer_blocks.1.attn2"], dispatch=[transformer_ltx],
                 functional=[]),
+    "hunyuan_video15": dict(build=V.hunyuan_video15, inputs=V.hunyuan_video15_inputs, grid=(3, 4, 6), kinds={"joint"},
+                            image_first=True, not_sites=["context_embedder.token_refiner.refiner_blocks.0.attn"],
+                            dispatch=[transformer_hunyuan_video15], functional=[]),
+    "ltx2": dict(build=V.ltx2, inputs=V.ltx2_inputs, grid=(3, 4, 6), kinds={"spatiotemporal", "temporal"},
+                 image_first=None, audio=".audio_attn1",
+                 not_sites=[f"transformer_blocks.{i}.{n}" for i in (0, 1) for n in
+                            ("attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")],
+                 dispatch=[transformer_ltx2], functional=[]),
     "mochi": dict(build=V.mochi, inputs=V.mochi_inputs, grid=(3, 4, 6), kinds={"joint"}, image_first=True,
                   not_sites=[], dispatch=[], functional=[attention_processor]),
 }
@@ -102,7 +113,8 @@ def explicit_attention(q, k, v, image, grid, mode, attn_mask=None, scale=None, e
         q[:, :, a:b] = qi.unflatten(2, (grid[0], per)).mean(dim=3).repeat_interleave(per, dim=2)
     elif mode in ("blur", "blur_frame"):
         q[:, :, a:b] = (blur_matrix(grid, SIGMA, mode == "blur_frame") @ qi.double()).to(q.dtype)
-    out = torch.softmax(q @ k.transpose(-1, -2) * s + mask, dim=-1) @ v
+    # a query that may attend to nothing (HunyuanVideo 1.5's context padding) gets 0, as SDPA returns
+    out = torch.softmax(q @ k.transpose(-1, -2) * s + mask, dim=-1).nan_to_num(0.0) @ v
     if mode == "strict":
         out[:, :, a:b] = v[:, :, a:b]
     return out
@@ -115,6 +127,8 @@ def _image_of(family, model):
     n = math.prod(spec["grid"])
 
     def image_of(name, seq_len):
+        if "audio" in spec and name.endswith(spec["audio"]):
+            return (0, seq_len), (seq_len, 1, 1)
         if kinds[name] == "spatiotemporal":
             assert seq_len == n
             return (0, n), spec["grid"]
@@ -160,7 +174,8 @@ def test_sites_kinds_grid_and_what_is_never_a_site(family):
     info = backend.forward_info(model, x, cond)
     for site in backend_sites:
         grid = backend.layout(site, math.prod(spec["grid"]) + 64, info).grid
-        assert grid == spec["grid"], site.name
+        audio = "audio" in spec and site.name.endswith(spec["audio"])
+        assert grid == ((math.prod(spec["grid"]) + 64, 1, 1) if audio else spec["grid"]), site.name
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -178,6 +193,8 @@ def test_perturbed_branch_equals_the_explicit_reference(family, mode, monkeypatc
                 q, k, v, *image_of(name, q.shape[-2]), mode, **kw), spec["functional"], spec["dispatch"])
             expected = _call(model, x, t, cond)
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+        if mode.endswith("_frame") and all(n.endswith(spec.get("audio", "-")) for n in names):
+            continue  # per frame, a T_a × 1 × 1 audio grid has one token a frame: nothing to blur or average
         assert (ours - plain).abs().max() > 1e-3, names  # the perturbation changed something
 
 
@@ -340,13 +357,11 @@ def test_animatediff_perturbed_branch_equals_the_explicit_reference(mode, monkey
         assert (ours - plain).abs().max() > 1e-4, names
 
 
-def test_animatediff_neutral_untouched_rows_prefix_fallback_and_restore():
-    import pagkit.prefix
+def test_animatediff_neutral_untouched_rows_prefix_sharing_and_restore():
     model = V.animatediff()
     x, t, cond = V.animatediff_inputs(batch=3)
     plain = _call(model, x, t, cond)
     names = [i.name for i in pagkit.layers(model)]
-    pagkit.prefix._warned.discard("UNetMotionModel")
     per_sample = GuidedDenoiser(model, []).backend.per_sample_inputs(model, x, cond)
     assert per_sample["encoder_hidden_states"].shape[:2] == (3, 3)  # (B, F, S, C): one row per sample
     neutral = GuidedDenoiser(model, [pagkit.PAG(0.0, layers=names)]).predict(x, t, per_sample)
@@ -355,11 +370,21 @@ def test_animatediff_neutral_untouched_rows_prefix_fallback_and_restore():
         out = _routed_call(model, names, Identity(), x, t, cond, rows=rows)
         for r in range(3):
             assert torch.equal(out[r], plain[r]) != (r == rows[0]), (rows, r)
-    # batched [c; PAG; SEG] (no stage list: the plain batched pass) = separate perturbed calls
+    # batched [c; PAG; SEG] = separate perturbed calls; prefix sharing (conv_in and the down blocks run on the
+    # conditional sample's F folded rows, copied F rows a branch) = the full batched pass
     mid = "mid"
     terms = [pagkit.PAG(2.0, layers=mid), pagkit.SEG(1.5, sigma=SIGMA, layers=mid)]
-    with pytest.warns(UserWarning, match="prefix sharing does not know the layout of UNetMotionModel"):
-        batched = GuidedDenoiser(model, terms).predict(x, t, per_sample)
+    assert pagkit.prefix.prefix_stages(model, pagkit.resolve_layers(model, mid)) == [
+        "conv_in", "down_blocks.0", "down_blocks.1"]
+    batched = GuidedDenoiser(model, terms).predict(x, t, per_sample)
+    full = GuidedDenoiser(model, terms, prefix_sharing=False).predict(x, t, per_sample)
+    torch.testing.assert_close(batched, full, rtol=0, atol=1e-5)
+    calls = []
+    hook = model.down_blocks[0].resnets[0].register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((list(args) + list(kwargs.values()))[0].shape[0]), with_kwargs=True)
+    GuidedDenoiser(model, terms).predict(x, t, per_sample)
+    hook.remove()
+    assert calls == [3 * 3]  # inside the shared stage, the conditional rows only: 3 samples × 3 frames, not 27
     [site] = pagkit.resolve_layers(model, mid)
     separate = plain + 2.0 * (plain - _routed_call(model, [site], Identity(), x, t, cond)) \
         + 1.5 * (plain - _routed_call(model, [site], QueryBlur(SIGMA), x, t, cond))

@@ -274,5 +274,5 @@ def detect(model: nn.Module) -> Backend:
 
 # the families, most specific first
 from . import (unet, sd3, flux, flux2, chroma, qwenimage, auraflow, cogview4, lumina2,  # noqa: E402,F401
-               wan, cogvideox, hunyuan_video, ltx, mochi, sana, hidream, zimage, transformer2d, generic)
+               wan, cogvideox, hunyuan_video, hunyuan_video15, ltx, ltx2, mochi, sana, hidream, zimage, transformer2d, generic)
 from . import animatediff  # noqa: E402,F401

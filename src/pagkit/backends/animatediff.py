@@ -16,8 +16,10 @@ AnimateDiff PAG default ``"mid_block.*attn1"`` also takes the mid block's tempor
 The call convention folds frames into ``encoder_hidden_states`` too (the pipeline repeats each prompt F times,
 (b f) order): ``per_sample_inputs`` unfolds it to (B, F, S, C), one row per sample, and ``call`` folds it back.
 Skippable blocks (SLG, STG-R) are the spatial transformers and the motion modules; they too run on the folded
-batch (``module_rows``). Every stage of the model runs on the folded batch, so there is no stage list: prefix sharing falls back to the
-plain batched pass (same results) with one warning.
+batch (``module_rows``). The stages are the UNet's (``conv_in``, the down blocks, the mid block, the up blocks),
+each on the folded (b f) batch (sample, time embedding and text all repeated per frame, sample outermost); a
+stage mixes a sample's frames (motion modules) but never two samples, so prefix sharing runs the stages before the
+first perturbed site on the shared samples' F rows each and copies them, F rows a sample (``module_rows``).
 Latents are (B, C, F, H, W).
 """
 from __future__ import annotations
@@ -41,9 +43,6 @@ class AnimateDiffBackend(UNetBackend):
         return [attention_site(n, m, "temporal" if ".motion_modules." in n else "spatial",
                                downsampling=factors[max((p for p in factors if n.startswith(p)), key=len)])
                 for n, m in found]
-
-    def stages(self, model):
-        return None  # every stage sees the frames folded into the batch
 
     def forward_info(self, model, x, kwargs):
         if x.ndim != 5:

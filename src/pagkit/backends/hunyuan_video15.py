@@ -1,0 +1,48 @@
+"""HunyuanVideo 1.5: ``HunyuanVideo15Transformer3DModel``.
+
+Only double-stream blocks (no single-stream ones): each ``transformer_blocks.N.attn`` is a **joint** site over
+**[video; context]**, video first. Its processor (``HunyuanVideo15AttnProcessor2_0``) projects the video tokens
+(``to_q/k/v``, per-head RMS QK-norm, then 3-D RoPE on them only) and the context tokens (``add_q/k/v_proj``,
+their own norms) separately and concatenates ``[video, context]`` along the sequence; the output is split back
+the same way. The context is the model's reordered [valid image; valid ByT5 text; valid MLLM text; padding]
+tokens (image tokens are all padding for text-to-video), so its length is the text lengths plus the image
+tokens, and its mask pads the video part with True: the model's own boolean mask hides the context padding
+on every query (padding queries attend to nothing, which SDPA returns as 0); pagkit keeps it.
+The token refiner (``context_embedder.token_refiner``) is self-attention over text only and is never a site.
+Latents are (B, C, F, H, W); the grid is F/p_t × H/p × W/p. The rotary table (``freqs_cis`` in the blocks, a
+(cos, sin) pair) is shared by every sample; the context mask and ``temb`` are per sample.
+"""
+from __future__ import annotations
+
+from . import Backend, ForwardInfo, Site, register, skip_video_and_text
+
+
+@register
+class HunyuanVideo15Backend(Backend):
+    name = "hunyuan_video15"
+    model_classes = ("HunyuanVideo15Transformer3DModel",)
+    shared_inputs = frozenset({"image_rotary_emb", "freqs_cis"})
+    tested_against = ("a reference joint forward with an explicit mask (and an explicit SEG blur) at the model's "
+                      "attention call, with the model's own context-padding mask")
+
+    def sites(self, model):
+        patch = int(model.config.patch_size)
+        return [Site(f"transformer_blocks.{i}.attn", "joint", b.attn.heads, b.attn.to_q.in_features, patch,
+                     image_first=True) for i, b in enumerate(model.transformer_blocks)]
+
+    def stages(self, model):
+        return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+
+    def forward_info(self, model, x, kwargs):
+        if x.ndim != 5:
+            return ForwardInfo()
+        return ForwardInfo(hw=tuple(x.shape[-2:]), frames=x.shape[2] // model.config.patch_size_t)
+
+    skip_output = staticmethod(skip_video_and_text)  # STG-R / SLG: a skipped block returns both streams
+
+    def learned_sigma(self, model):
+        return False
+
+    def sample_shape(self, model, batch_size, height, width):
+        raise ValueError("HunyuanVideo 1.5 is a video model: sample through diffusers' HunyuanVideo15Pipeline with "
+                         "pagkit.attach(pipe, ...)")
