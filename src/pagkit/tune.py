@@ -252,6 +252,9 @@ class Tune:
             raise ValueError(f"--heads: {self.method} has no heads option; methods with heads: "
                              f"{', '.join(m for m in TUNABLE if 'heads' in _field_names(m))}")
         self.score_fn = load_score(self.score) if self.score else None
+        if self.seed_set == self.confirm_seed_set:
+            raise ValueError(f"the confirmation needs a fresh seed set: --confirm-seed-set {self.confirm_seed_set} "
+                             f"equals --seed-set")
 
     # --- the search space -------------------------------------------------------------------------------
     def _model(self):
@@ -349,9 +352,6 @@ class Tune:
         plan = self.plan(configs)
         if self.score:
             self.check_score()
-        if self.seed_set == self.confirm_seed_set:
-            raise ValueError(f"the confirmation needs a fresh seed set: --confirm-seed-set {self.confirm_seed_set} "
-                             f"equals --seed-set")
         rank, world = _dist_rank_world()
         if rank == 0:
             print(plan.describe())
