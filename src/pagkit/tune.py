@@ -381,11 +381,10 @@ class Tune:
             evidence.append(self._evidence(r, rows[0], base, base))
             order = sorted(range(n), key=lambda j: (_rank_key(results[j + 1]["score"]), alive[j]))
             keep = plan.rungs[r + 1][0] if r + 1 < len(plan.rungs) else 1
-            rungs.append({"rung": r, "samples": m, "settings": [configs[i].key for i in alive],
-                          "kept": [configs[alive[j]].key for j in order[:keep]]})
-            alive, previous = [alive[j] for j in order[:keep]], sweep
+            rungs.append({"rung": r, "samples": m, "settings": [_spec(configs[i]) for i in alive],
+                          "kept": [_spec(configs[alive[j]]) for j in order[:keep]]})
+            finals, alive, previous = [configs[i] for i in alive], [alive[j] for j in order[:keep]], sweep
         winner = configs[alive[0]]
-        finals = [configs[i] for i in _finalists(rungs[-1], configs)]
         confirm_rows = [replace(none, num_samples=plan.confirm_samples, seed_set=self.confirm_seed_set),
                         replace(winner, num_samples=plan.confirm_samples, seed_set=self.confirm_seed_set)]
         sweep = self._sweep(self.out / "confirm", confirm_rows)
@@ -477,9 +476,9 @@ class Tune:
             labelled_grid(grid, self.out / "finalists.png", zoom=2, label_width=230)
 
 
-def _finalists(last: dict, configs: list[EvalConfig]) -> list[int]:
-    keys = [c.key for c in configs]
-    return [keys.index(k) for k in last["settings"]]
+def _spec(config: EvalConfig) -> str:
+    from .spec import format_spec
+    return format_spec(config.terms())
 
 
 def _new(row: dict, plan: Plan) -> int:
