@@ -6,10 +6,11 @@ from .methods import (APG, CFG, METHODS, NAG, PAG, RULES, SAG, SEG, SLG, STG, TP
                       GuidanceTerm)
 from .layers import LayerInfo, aliases, layers, resolve_layers
 from .pipelines import attach
+from .presets import load_preset
 from .sample import sample
 
 __all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "NAG", "AutoGuidance", "METHODS", "APG",
            "CFGZeroStar", "RULES", "GuidanceTerm",
            "GuidedDenoiser", "LayerInfo", "adapt", "aliases", "attach",
-           "guide", "layers", "resolve_layers", "sample"]
+           "guide", "layers", "load_preset", "resolve_layers", "sample"]
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ from .methods import Branch, Context, GuidanceTerm, Step, check_guidance, rescal
 from .methods.base import bind
 from .methods.sag import NoiseSchedule  # noqa: F401  (re-exported: restore.py and users import it from here)
 from .prefix import prefix_stages, shared_prefix
+from .presets import check_family
 from .routing import Segment, routed
 
 
@@ -59,6 +60,7 @@ class GuidedDenoiser:
         self.prefix_sharing = prefix_sharing
         self.forward = forward if forward is not None else model
         self.terms: list[GuidanceTerm] = check_guidance(guidance)
+        check_family(self.terms, self.backend, model)  # a preset's terms fit the family they were tuned for
         if not (isinstance(guidance_rescale, (int, float)) and 0.0 <= guidance_rescale <= 1.0):
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
         self.guidance_rescale = float(guidance_rescale)

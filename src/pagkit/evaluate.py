@@ -286,8 +286,12 @@ class Sweep:
             if not self.result_path(config).is_file():
                 self.write_result(config)
         rows = self.collect()
-        write_tables(self.out, rows)
+        self.tables(rows)
         return rows
+
+    def tables(self, rows: list[dict]) -> None:
+        """Rebuild the folder's tables and plots from the finished rows (a sweep scored otherwise overrides it)."""
+        write_tables(self.out, rows)
 
     def result_path(self, config: EvalConfig) -> Path:
         return self.out / "results" / f"{config.key}.json"

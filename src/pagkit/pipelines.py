@@ -114,12 +114,16 @@ def _recording_call_arguments(pipe, call_args: dict, on_call=None):
 def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     """Apply PAG/SEG/SAG terms inside ``pipe`` (a diffusers pipeline with a ``unet`` or ``transformer``).
 
+    ``guidance``: terms, or one list of them (``attach(pipe, pagkit.load_preset("preset.json"))``).
+
     CFG stays the pipeline's own (its ``guidance_scale``); passing ``pagkit.CFG`` here is an error.
     ``guidance_rescale`` is also the pipeline's own argument where it has one.
     A pipeline with a second expert (Wan 2.2's ``transformer_2``, the low-noise stage below its
     ``boundary_ratio``) has each expert guided, the terms bound to each model on its own, with that stage's CFG
     scale (``guidance_scale_2``); the pipeline switches between them as it does without pagkit.
     """
+    if len(guidance) == 1 and isinstance(guidance[0], (list, tuple)):  # one list of terms (a preset)
+        guidance = tuple(guidance[0])
     terms = check_guidance(guidance)
     if any(isinstance(t, CFG) and t.rule is not None for t in terms):
         raise ValueError("the pipeline applies CFG itself, so a rule on CFG (APG, CFGZeroStar) cannot act on it "

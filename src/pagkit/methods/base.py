@@ -93,6 +93,15 @@ class GuidanceTerm:
     def active(self, progress: float) -> bool:
         return self.scale_at(progress) != self.neutral
 
+    @classmethod
+    def from_preset(cls, path) -> "GuidanceTerm":
+        """The one term of a preset file of this method (``pagkit tune``'s ``preset.json``; see pagkit.presets)."""
+        from ..presets import load_preset
+        terms = load_preset(path, method=cls)
+        if len(terms) != 1:
+            raise ValueError(f"{path} holds {len(terms)} terms; use pagkit.load_preset for it")
+        return terms[0]
+
     def bind(self, key: str, context: "Context") -> "Bound":
         """This term resolved against one model; ``key`` names its branch(es)."""
         raise NotImplementedError(f"{type(self).__name__} does not say how it guides (bind)")
