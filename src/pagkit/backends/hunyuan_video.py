@@ -19,6 +19,7 @@ from . import Backend, ForwardInfo, Site, register, skip_video_and_text
 class HunyuanVideoBackend(Backend):
     name = "hunyuan_video"
     model_classes = ("HunyuanVideoTransformer3DModel",)
+    pipeline = "HunyuanVideoPipeline"  # what to sample through (sample_shape's error)
     shared_inputs = frozenset({"image_rotary_emb", "freqs_cis"})
     tested_against = ("a reference joint/single-stream forward with an explicit mask (and an explicit SEG blur) at "
                       "the model's attention call, with the model's own text-padding mask")
@@ -47,5 +48,5 @@ class HunyuanVideoBackend(Backend):
         return False
 
     def sample_shape(self, model, batch_size, height, width):
-        raise ValueError("HunyuanVideo is a video model: sample through diffusers' HunyuanVideoPipeline with "
-                         "pagkit.attach(pipe, ...)")
+        raise ValueError(f"{type(model).__name__} is a video model: sample through diffusers' {self.pipeline} "
+                         "with pagkit.attach(pipe, ...)")

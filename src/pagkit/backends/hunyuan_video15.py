@@ -14,14 +14,17 @@ Latents are (B, C, F, H, W); the grid is F/p_t × H/p × W/p. The rotary table (
 """
 from __future__ import annotations
 
-from . import Backend, ForwardInfo, Site, register, skip_video_and_text
+from . import Site, register
+from .hunyuan_video import HunyuanVideoBackend
 
 
 @register
-class HunyuanVideo15Backend(Backend):
+class HunyuanVideo15Backend(HunyuanVideoBackend):
+    """HunyuanVideo's layout, call and sample shape, with double-stream blocks only."""
+
     name = "hunyuan_video15"
     model_classes = ("HunyuanVideo15Transformer3DModel",)
-    shared_inputs = frozenset({"image_rotary_emb", "freqs_cis"})
+    pipeline = "HunyuanVideo15Pipeline"
     tested_against = ("a reference joint forward with an explicit mask (and an explicit SEG blur) at the model's "
                       "attention call, with the model's own context-padding mask")
 
@@ -32,17 +35,3 @@ class HunyuanVideo15Backend(Backend):
 
     def stages(self, model):
         return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
-
-    def forward_info(self, model, x, kwargs):
-        if x.ndim != 5:
-            return ForwardInfo()
-        return ForwardInfo(hw=tuple(x.shape[-2:]), frames=x.shape[2] // model.config.patch_size_t)
-
-    skip_output = staticmethod(skip_video_and_text)  # STG-R / SLG: a skipped block returns both streams
-
-    def learned_sigma(self, model):
-        return False
-
-    def sample_shape(self, model, batch_size, height, width):
-        raise ValueError("HunyuanVideo 1.5 is a video model: sample through diffusers' HunyuanVideo15Pipeline with "
-                         "pagkit.attach(pipe, ...)")
