@@ -25,13 +25,17 @@ from __future__ import annotations
 import inspect
 
 from ..perturb import TokenLayout
-from . import Backend, ForwardInfo, Site, register
+from . import Site, register
+from .ltx import LTXVideoBackend
 
 
 @register
-class LTX2VideoBackend(Backend):
+class LTX2VideoBackend(LTXVideoBackend):
+    """LTX-Video's stages and grid, with the audio stream's self-attention as temporal sites beside the video's."""
+
     name = "ltx2"
     model_classes = ("LTX2VideoTransformer3DModel",)
+    shared_inputs = frozenset()
     tested_against = ("a reference forward computing the perturbed attention explicitly at the model's attention "
                       "call (video and audio self-attention); the model's own STG (spatio_temporal_guidance_blocks)")
 
@@ -50,15 +54,6 @@ class LTX2VideoBackend(Backend):
         return [Site(f"transformer_blocks.{i}.attn2", "cross", b.attn2.heads, b.attn2.to_q.in_features, patch)
                 for i, b in enumerate(model.transformer_blocks)]
 
-    def stages(self, model):
-        return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
-
-    def forward_info(self, model, x, kwargs):
-        f, h, w = (kwargs.get(k) for k in ("num_frames", "height", "width"))
-        if f is None or h is None or w is None:
-            return ForwardInfo()  # video_coords alone: the token count only, no grid for SEG
-        return ForwardInfo(hw=(int(h), int(w)), frames=int(f) // model.config.patch_size_t)
-
     def layout(self, site, seq_len, info):
         if site.name.endswith(".audio_attn1"):  # audio tokens: one sequence along time
             return TokenLayout.self_attention(seq_len, (seq_len, 1, 1))
@@ -67,9 +62,6 @@ class LTX2VideoBackend(Backend):
     def skip_output(self, module, args, kwargs, out):
         bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
         return bound["hidden_states"], bound["audio_hidden_states"]
-
-    def learned_sigma(self, model):
-        return False
 
     def sample_shape(self, model, batch_size, height, width):
         raise ValueError("LTX-2 takes packed video and audio latents: sample through diffusers' LTX2Pipeline")
