@@ -132,9 +132,14 @@ def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path, snapsh
     if tmp.exists():
         import shutil
         shutil.rmtree(tmp)
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
-    if snapshot is not None:
-        io.write_json(tmp / "snapshot.json", snapshot)
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+        if snapshot is not None:
+            io.write_json(tmp / "snapshot.json", snapshot)
+    except BaseException:  # a full disk: no half-written pipeline stays behind
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         import shutil
         shutil.rmtree(out)
