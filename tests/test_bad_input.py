@@ -200,7 +200,7 @@ CASES = [
     ("sample-out-folder", ["sample", *M16, "--out", "{F}"], "--out {F} is a folder; give a file name"),
     ("sample-out-under-file", ["sample", *M16, "--out", "{F}/a-file/grid.png"],
      "the folder of --out {F}/a-file cannot be made: {F}/a-file is a file"),
-    ("sample-out-not-writable", ["sample", *M16, "--out", "/proc/grid.png"], "is not writable"),
+    ("sample-out-not-writable", ["sample", *M16, "--out", "/proc/grid.png"], "/proc is not writable"),
     ("bench-out-folder", ["bench", "--model", "demo", "--out", "{F}"], "--out {F} is a folder"),
     ("eval-out-file", [*EVAL, "--out", "{F}/a-file"], "output folder {F}/a-file cannot be made: {F}/a-file is a file"),
     ("eval-out-not-writable", [*EVAL, "--out", "/proc/sweep"], "output folder /proc/sweep cannot be made"),

@@ -17,7 +17,7 @@ import torch
 from . import guidance as G
 from .methods import METHODS
 from .data import read_images
-from .io import atomic_path, check_output_file, make_folder
+from .io import atomic_path, check_output_file, check_output_folder
 from .layers import aliases, layers
 from .load import SCHEDULERS, TIMESTEP_SPACINGS, load_model, load_scheduler, shipped_models
 from .restore import DEFAULT_STEP_SIZE, TASKS
@@ -187,7 +187,7 @@ def cmd_sample(args) -> None:
 
 def cmd_train(args) -> None:
     from .train import TrainConfig, train
-    make_folder(args.out)
+    check_output_folder(args.out)
     cfg = TrainConfig(out=args.out, conditional=args.conditional, size=args.size, max_steps=args.max_steps,
                       time_budget_min=args.time_budget_min, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       threads=args.threads, checkpoint_every=args.checkpoint_every, data_dir=args.data,
@@ -275,7 +275,7 @@ def eval_configs(args) -> list:
 def cmd_eval(args) -> None:
     from .evaluate import Sweep
     configs = eval_configs(args)
-    make_folder(args.out)
+    check_output_folder(args.out)
     from .denoise import GuidedDenoiser
     from .load import load_model
     model = load_model(args.model)
@@ -306,7 +306,7 @@ def cmd_restore(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     if args.degraded and not args.input:
         raise ValueError("--degraded describes --input images; it does not go with --test-images")
-    make_folder(args.out)
+    check_output_folder(args.out)
     params = {name: getattr(args, option) for option, name in TASK_OPTIONS.items()}
     operator = R.make_operator(args.task, **params)
     methods = {"dps": []}

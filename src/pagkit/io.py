@@ -81,12 +81,31 @@ def make_folder(folder: str | Path, what: str = "output folder") -> Path:
     return folder
 
 
+def check_output_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """Check, before any work and without making anything, that ``folder`` can be made and written: no file in
+    its way, and its nearest existing ancestor writable."""
+    folder = Path(folder)
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotAFolder(f"{what} {folder} cannot be made: {parent} is a file")
+            try:
+                fd, probe = tempfile.mkstemp(dir=parent, prefix=".pagkit-write-test.", suffix=TMP_SUFFIX)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as err:
+                raise NotAFolder(f"{what} {folder} cannot be made or written: {parent} is not writable "
+                                 f"({err.strerror or err})") from None
+            return folder
+    return folder
+
+
 def check_output_file(path: str | Path) -> Path:
     """Check, before any work, that ``path`` can be written as a file (its folder is made)."""
     path = Path(path)
     if path.is_dir():
         raise NotAFolder(f"--out {path} is a folder; give a file name (e.g. {path / 'out.png'})")
-    make_folder(path.parent, "the folder of --out")
+    check_output_folder(path.parent, "the folder of --out")
     return path
 
 
