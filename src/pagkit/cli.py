@@ -17,6 +17,7 @@ import torch
 from . import guidance as G
 from .methods import METHODS
 from .data import read_images
+from .io import atomic_path, check_output_file, check_output_folder
 from .layers import aliases, layers
 from .load import SCHEDULERS, TIMESTEP_SPACINGS, load_model, load_scheduler, shipped_models
 from .restore import DEFAULT_STEP_SIZE, TASKS
@@ -42,6 +43,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _finite(text: str) -> float:
     try:
         value = float(text)
@@ -49,6 +60,13 @@ def _finite(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
     if math.isnan(value):
         raise argparse.ArgumentTypeError("expected a number, got nan")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return value
 
 
@@ -107,10 +125,15 @@ def cmd_sample(args) -> None:
     from .sample import sample
     torch.set_num_threads(args.threads) if args.threads else None
     _configurations(args, conditional=False), _configurations(args, conditional=True)  # scales etc., before loading
+    if not args.list_layers:
+        check_output_file(args.out)
     jobs = []  # (title, model, scheduler, conditional)
     if args.model:
         model = load_model(args.model)
-        conditional = bool(model.config.get("num_class_embeds")) or args.class_label is not None
+        conditional = bool(model.config.get("num_class_embeds"))
+        if args.class_label is not None and not conditional:
+            raise ValueError(f"--class-label {args.class_label}: {args.model} is unconditional (its config has no "
+                             "num_class_embeds); leave --class-label out, or give a class-conditional model")
         jobs.append((str(args.model), model, load_scheduler(args.model, args.scheduler, args.timestep_spacing),
                      conditional))
     else:
@@ -167,6 +190,7 @@ def cmd_sample(args) -> None:
 
 def cmd_train(args) -> None:
     from .train import TrainConfig, train
+    check_output_folder(args.out)
     cfg = TrainConfig(out=args.out, conditional=args.conditional, size=args.size, max_steps=args.max_steps,
                       time_budget_min=args.time_budget_min, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       threads=args.threads, checkpoint_every=args.checkpoint_every, data_dir=args.data,
@@ -183,6 +207,8 @@ class _Parser(argparse.ArgumentParser):
 def cmd_bench(args) -> None:
     from . import bench
     torch.set_num_threads(args.threads)
+    if args.out:
+        check_output_file(args.out)
     sections = []
     if args.model in ("sd15", "both", "all"):
         print(f"SD1.5-shaped UNet2DConditionModel (64,128,256,256), 32x32 latents, {args.steps} DDIM steps, "
@@ -209,7 +235,6 @@ def cmd_bench(args) -> None:
     text = "\n\n".join(sections) + "\n"
     print(text)
     if args.out:
-        from .io import atomic_path
         with atomic_path(args.out) as tmp:
             tmp.write_text(text)
         print(f"wrote {args.out}")
@@ -253,6 +278,7 @@ def eval_configs(args) -> list:
 def cmd_eval(args) -> None:
     from .evaluate import Sweep
     configs = eval_configs(args)
+    check_output_folder(args.out)
     from .denoise import GuidedDenoiser
     from .load import load_model
     model = load_model(args.model)
@@ -304,6 +330,7 @@ def cmd_restore(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     if args.degraded and not args.input:
         raise ValueError("--degraded describes --input images; it does not go with --test-images")
+    check_output_folder(args.out)
     params = {name: getattr(args, option) for option, name in TASK_OPTIONS.items()}
     operator = R.make_operator(args.task, **params)
     methods = {"dps": []}
@@ -395,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-label", type=int, default=None, help="class for conditional models (default: 0..9)")
     p.add_argument("--out", default="pagkit_samples.png", help="PNG grid to write")
     p.add_argument("--list-layers", action="store_true", help="print the models' layers and exit")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sample)
 
@@ -503,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--test-images", type=_positive_int, metavar="N",
                         help="N Fashion-MNIST test images (the first N, or from --first-image), with FD "
                              "against the test set")
-    p.add_argument("--first-image", type=int, default=0, metavar="K",
+    p.add_argument("--first-image", type=_nonnegative_int, default=0, metavar="K",
                    help="--test-images starts at test image K (default 0); choose settings on one split, "
                         "report on another")
     p.add_argument("--degraded", action="store_true",
@@ -511,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_UNCOND, help="shipped model name or diffusers folder")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     p.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--eta", type=_finite, default=1.0, help="DDIM's η (default 1: ancestral, as DPS)")
-    p.add_argument("--step-size", type=_finite, default=DEFAULT_STEP_SIZE,
+    p.add_argument("--eta", type=_nonnegative, default=1.0, help="DDIM's η (default 1: ancestral, as DPS)")
+    p.add_argument("--step-size", type=_nonnegative, default=DEFAULT_STEP_SIZE,
                    help=f"DPS's ζ (default {DEFAULT_STEP_SIZE:g}; 0 = no data consistency)")
     _pag_options(p, scale=1.0)  # the restoration table's setting, chosen by docs/tune_restore.py
     p.add_argument("--seed", type=int, default=0)
@@ -541,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-step", type=_positive_int, default=None,
                    help="stop after this step (with a checkpoint; resumable), the schedules still set by "
                         "--max-steps: how the 25%% snapshot fmnist-weak is made")
-    p.add_argument("--time-budget-min", type=_finite, default=None)
+    p.add_argument("--time-budget-min", type=_nonnegative, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--lr", type=_finite, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -556,8 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError, RuntimeError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except (ValueError, TypeError, RuntimeError, OSError) as err:  # OSError: a full disk, an unreadable file
+        text = err.strerror if isinstance(err, OSError) and err.strerror and err.filename is None else str(err)
+        message = text.splitlines()[0] if text else type(err).__name__
         print(f"pagkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .io import InputNotFound
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -68,7 +71,7 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
     paths = [data_dir / name for name in FILES[split]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"Fashion-MNIST files not found: {', '.join(missing)}. "
             "Point --data (or $PAGKIT_DATA) at the folder holding the idx .gz files.")
     images = torch.from_numpy(_read_idx(paths[0]).copy()).float().div_(127.5).sub_(1.0)
@@ -85,7 +88,8 @@ def read_images(paths: list[str | Path], channels: int, size: tuple[int, int]) -
     Grayscale/RGB are converted to ``channels`` (1 or 3). A larger image is shrunk to fit
     (box filter: the exact inverse of a nearest-neighbour upscale by an integer factor);
     a smaller one is centred and padded with its own border pixels (28×28 Fashion-MNIST
-    → 32×32 as the data loader pads it).
+    → 32×32 as the data loader pads it). An image that would be more than a quarter padding on
+    a side (another aspect ratio, or much smaller) is refused: a ValueError naming both sizes.
     """
     from PIL import Image, ImageOps
     if channels not in (1, 3):
@@ -93,14 +97,21 @@ def read_images(paths: list[str | Path], channels: int, size: tuple[int, int]) -
     h, w = size
     out = []
     for path in paths:
+        if Path(path).is_dir():
+            raise ValueError(f"input image {path} is a folder; give the image files (e.g. {path}/*.png)")
         if not Path(path).is_file():
-            raise FileNotFoundError(f"no such input image: {path}")
+            raise InputNotFound(f"no such input image: {path}")
         try:
             img = Image.open(path).convert("L" if channels == 1 else "RGB")
-        except OSError as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from None
+        given = f"{img.width}x{img.height}"
         if img.width > w or img.height > h:
             img = ImageOps.contain(img, (w, h), method=Image.BOX)
+        if img.width < 0.75 * w or img.height < 0.75 * h:  # padding would make up more than a quarter of it
+            raise ValueError(f"image {path} is {given}; this model "
+                             f"takes {w}x{h} images (larger ones of the same shape are shrunk, ones at least "
+                             f"{math.ceil(0.75 * w)}x{math.ceil(0.75 * h)} padded): give images of aspect {w}:{h}")
         arr = np.asarray(img, dtype=np.float32).reshape(img.height, img.width, channels)
         top, left = (h - img.height) // 2, (w - img.width) // 2
         arr = np.pad(arr, ((top, h - img.height - top), (left, w - img.width - left), (0, 0)), mode="edge")
@@ -121,7 +132,7 @@ def load_images(path: str | Path, channels: int, size: tuple[int, int]) -> torch
             raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return read_images(files, channels, size)
     if not path.is_file():
-        raise FileNotFoundError(f"no reference images at {path}: give a folder of images or a .safetensors file "
+        raise InputNotFound(f"no reference images at {path}: give a folder of images or a .safetensors file "
                                 "with an 'images' tensor")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: reference images are a folder of images or a .safetensors file")

@@ -204,8 +204,13 @@ class Sweep:
         if self.inception:  # a missing file fails now, not after the sampling
             from .inception import check_weights_path
             check_weights_path(self.inception)
+        else:
+            from .metrics import check_classifier, second_classifier_dir
+            check_classifier(self.classifier)
+            if self.measures_b:
+                check_classifier(self.classifier_b or second_classifier_dir())
         if self.reference and not Path(self.reference).exists():
-            raise FileNotFoundError(f"no reference images at {self.reference}: give a folder of images or a "
+            raise io.InputNotFound(f"no reference images at {self.reference}: give a folder of images or a "
                                     ".safetensors file with an 'images' tensor")
 
     @property
@@ -256,8 +261,19 @@ class Sweep:
         io.save_tensors(self.shard_path(config, k), tensors, metadata={"seconds": f"{seconds:.4f}"})
 
     def run(self) -> list[dict]:
-        """Generate every missing shard (this rank's share), then (rank 0) every missing result."""
+        """Generate every missing shard (this rank's share), then (rank 0) every missing result.
+
+        One sweep at a time per ``out``: rank 0 takes ``io.run_lock(out)`` before the other ranks pass the
+        first barrier (a second sweep, or a second torchrun world, on the same folder is refused)."""
         rank, world = _dist_rank_world()
+        if rank != 0:
+            _barrier(world)  # wait for rank 0 to hold the lock
+            return self._run(rank, world)
+        with io.run_lock(self.out):
+            _barrier(world)
+            return self._run(rank, world)
+
+    def _run(self, rank: int, world: int) -> list[dict]:
         if self.threads:
             torch.set_num_threads(self.threads)
         _claim_feature_space(self.out / "feature_space.json", self.feature_space())
@@ -302,10 +318,10 @@ class Sweep:
         seconds = sum(io.shard_seconds(self.shard_path(config, k)) for k in range(self.num_shards(config)))
         metrics = self.metrics(images)
         metrics["seconds_per_image"] = seconds / len(images)
+        from .report import labelled_grid  # the grid first: a finished result always has its grid
+        labelled_grid([(config.key[:32], images[:16])], self.out / "grids" / f"{config.key}.png", zoom=2)
         io.write_json(self.result_path(config), {"key": config.key, "config": _config_dict(config),
                                                  "metrics": metrics})
-        from .report import labelled_grid
-        labelled_grid([(config.key[:32], images[:16])], self.out / "grids" / f"{config.key}.png", zoom=2)
 
     def _reference(self):
         """(feature net, real features, real class histogram, real mean pixel), computed once."""

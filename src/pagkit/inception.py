@@ -201,7 +201,7 @@ def check_weights_path(path: str | Path) -> Path:
     """The path, if it can hold Inception weights; else a clear error (before any sampling)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no Inception weights at {path}: give a .safetensors file of FID's InceptionV3 "
+        raise io.InputNotFound(f"no Inception weights at {path}: give a .safetensors file of FID's InceptionV3 "
                                 "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth saved with "
                                 "safetensors.torch.save_file)")
     if path.suffix != ".safetensors":

@@ -13,6 +13,13 @@ from pathlib import Path
 import diffusers
 import torch
 
+from .io import InputNotFound, NotAFolder
+
+# pickle-based weight files: loading one can run any code, so pagkit refuses them and says why
+PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+NEVER_UNPICKLES = ("pagkit never unpickles (loading a pickle can run arbitrary code): convert it once with "
+                   "safetensors.torch.save_file, or save the model with save_pretrained(safe_serialization=True)")
+
 SHIPPED_DIR = Path(__file__).parent / "models"
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
@@ -46,10 +53,12 @@ def resolve_model_path(model: str | Path) -> Path:
     if not path.exists():
         names = ", ".join(shipped) or "none yet"
         hint = f"; {model} is {TO_TRAIN[model]}" if isinstance(model, str) and model in TO_TRAIN else ""
-        raise FileNotFoundError(f"model {str(model)!r} not found: not a folder, and not a shipped model "
+        raise InputNotFound(f"model {str(model)!r} not found: not a folder, and not a shipped model "
                                 f"(shipped: {names}){hint}")
     if not path.is_dir():
-        raise NotADirectoryError(f"model path {str(path)!r} is a file; give the diffusers model or pipeline folder")
+        if path.suffix.lower() in PICKLED_SUFFIXES:
+            raise NotAFolder(f"model path {str(path)!r} is a pickled {path.suffix} file; {NEVER_UNPICKLES}")
+        raise NotAFolder(f"model path {str(path)!r} is a file; give the diffusers model or pipeline folder")
     return path
 
 
@@ -59,7 +68,7 @@ def _model_folder(path: Path) -> Path:
             return path / sub
     if (path / "config.json").is_file():
         return path
-    raise FileNotFoundError(f"{path} holds no diffusers model: expected config.json, unet/config.json or "
+    raise InputNotFound(f"{path} holds no diffusers model: expected config.json, unet/config.json or "
                             "transformer/config.json")
 
 
@@ -69,11 +78,18 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32):
     config = json.loads((folder / "config.json").read_text())
     class_name = config.get("_class_name")
     cls = getattr(diffusers, class_name or "", None)
-    if cls is None:
-        raise ValueError(f"{folder}/config.json names model class {class_name!r}, which diffusers does not have")
+    if class_name is None:
+        raise ValueError(f"{folder}/config.json names no model class (_class_name): not a diffusers model "
+                         "folder (give a UNet or transformer folder, or a pipeline folder holding one)")
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ValueError(f"{folder}/config.json names model class {class_name!r}, which is not a diffusers "
+                         "model (give a UNet or transformer folder, or a pipeline folder holding one)")
     weights = list(folder.glob("*.safetensors"))
     if not weights:
-        raise FileNotFoundError(f"{folder} has no .safetensors weights (pagkit never loads pickled weights)")
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLED_SUFFIXES)
+        if pickled:
+            raise ValueError(f"{folder} holds only pickled weights ({', '.join(pickled)}); {NEVER_UNPICKLES}")
+        raise InputNotFound(f"{folder} has no .safetensors weights")
     for path in weights:  # a corrupt or truncated file fails here in one line, not deep inside diffusers
         check_safetensors(path)
     # low_cpu_mem_usage=False: loads without accelerate, and without diffusers' warning that it is missing

@@ -132,13 +132,20 @@ def make_classifier(arch: str = "vgg", width: int | None = None) -> nn.Module:
     return cls(width=width or default_width)
 
 
+def check_classifier(path: str | Path | None = None) -> Path:
+    """The classifier folder ``path`` (default: the shipped primary one), if it holds a classifier; else a clear
+    error, before any sampling."""
+    path = Path(path) if path else classifier_dir()
+    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+        raise io.InputNotFound(f"no classifier at {path} (model.safetensors + config.json); train one with "
+                                "`python -m pagkit.metrics --train-classifier`")
+    return path
+
+
 def load_classifier(path: str | Path | None = None) -> nn.Module:
     """A feature classifier folder (model.safetensors + config.json, whose "arch" names the design; default
     "vgg"): the shipped primary one when ``path`` is None. Weights are read with safetensors only."""
-    path = Path(path) if path else classifier_dir()
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no classifier at {path} (model.safetensors); train one with "
-                                "`python -m pagkit.metrics --train-classifier`")
+    path = check_classifier(path)
     config = json.loads((path / "config.json").read_text())
     model = make_classifier(config.get("arch", "vgg"), config["width"])
     model.load_state_dict(io.load_tensors(path / "model.safetensors"))

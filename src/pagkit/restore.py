@@ -338,7 +338,8 @@ def dps(model, scheduler, operator: Operator, y: torch.Tensor, *, guidance=(), s
     ``generator``/``latents``/``cond``/``uncond``/``prefix_sharing``/``callback``: as in ``pagkit.sample``
     (same generator → same x_T and same scheduler noise as ``sample``).
     """
-    _require(_real(step_size), "step_size", step_size, "a finite number")
+    _require(_real(step_size) and step_size >= 0, "step_size", step_size, "a finite number >= 0")
+    _require(_real(eta) and eta >= 0, "eta", eta, "a finite number >= 0")
     if not hasattr(scheduler, "alphas_cumprod"):
         raise ValueError(f"DPS needs x̂₀ from a scheduler with alphas_cumprod; got {type(scheduler).__name__}")
     denoiser = GuidedDenoiser(model, guidance, scheduler=scheduler, prefix_sharing=prefix_sharing)
@@ -415,8 +416,19 @@ def restore_eval(task: str, out: str | Path, *, methods: dict[str, list], model:
     way). ``max_new_shards``: stop after that many new shards (a "kill", for tests).
     ``first_image``: restore test images ``first_image`` … ``first_image + num_images − 1`` (a split kept
     apart from the reported one, to choose settings on).
-    Returns this run's result rows (empty if stopped).
+    Returns this run's result rows (empty if stopped). One run at a time per ``out`` (``io.run_lock``).
     """
+    with io.run_lock(out):
+        return _restore_eval(task, out, methods=methods, model=model, params=params, num_images=num_images,
+                             step_size=step_size, num_inference_steps=num_inference_steps, scheduler=scheduler,
+                             eta=eta, seed=seed, batch_size=batch_size, classifier=classifier, num_real=num_real,
+                             data_dir=data_dir, device=device, grid_columns=grid_columns,
+                             max_new_shards=max_new_shards, first_image=first_image, progress=progress)
+
+
+def _restore_eval(task, out, *, methods, model, params, num_images, step_size, num_inference_steps, scheduler, eta,
+                  seed, batch_size, classifier, num_real, data_dir, device, grid_columns, max_new_shards,
+                  first_image, progress) -> list[dict]:
     from .data import load_fashion_mnist
     from .load import load_model, load_scheduler
     from .metrics import load_classifier

@@ -40,6 +40,21 @@ def start(scheduler, latents: torch.Tensor, num_inference_steps: int, *, eta: fl
     return x, {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
 
 
+def check_class_labels(model, class_labels, null_class_label=None) -> None:
+    """A ValueError unless the labels (and CFG's null label) are classes of ``model``'s class embedding."""
+    classes = getattr(model, "config", {}).get("num_class_embeds")
+    if not classes:
+        raise ValueError(f"class labels given, but {type(model).__name__} is unconditional (its config has no "
+                         "num_class_embeds)")
+    labels = [] if class_labels is None else torch.as_tensor(class_labels).flatten().tolist()
+    if not all(isinstance(v, int) for v in labels):
+        raise TypeError(f"class labels must be integers, got {class_labels!r}")
+    bad = [v for v in labels + ([] if null_class_label is None else [null_class_label]) if not 0 <= v < classes]
+    if bad:
+        raise ValueError(f"class label {bad[0]} is out of range: {type(model).__name__} has classes "
+                         f"0..{classes - 1}")
+
+
 @torch.no_grad()
 def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 50, guidance=(),
            generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
@@ -69,6 +84,8 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
     param = next(model.parameters())
     cond = dict(cond or {})
     uncond = None if uncond is None else dict(uncond)
+    if class_labels is not None or null_class_label is not None:
+        check_class_labels(model, class_labels, null_class_label)
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels, device=param.device).long().expand(batch_size).clone()
         cond["class_labels"] = class_labels
@@ -83,6 +100,13 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
 
     if latents is None:
         latents = initial_noise(model, batch_size, generator, height, width)
+    else:
+        expected = sample_shape(model, batch_size, height, width)
+        if not torch.is_tensor(latents) or latents.ndim != len(expected) or latents.shape[1] != expected[1]:
+            # (the size may differ from the configured one; the channels may not)
+            shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(f"latents of shape {shape}; {type(model).__name__} at this size takes "
+                             f"{tuple(expected)}")
     x, step_kwargs = start(scheduler, latents, num_inference_steps, eta=eta, generator=generator)
     keep_epsilon_only = denoiser.backend.learned_sigma(model) and \
         scheduler.config.get("variance_type") not in ("learned", "learned_range")

@@ -5,8 +5,8 @@ One spec is the guidance of one sample row: terms separated by ``;``, each ``met
 key is a field of the method's dataclass, so a new method gets its command-line form for free. A combination
 rule is ``rule=apg`` or ``rule=apg(eta=0,momentum=-0.5)`` (``pagkit.methods.RULES``, its fields likewise). Values are
 read by the field's default: numbers (``inf`` allowed), ``true``/``false``, ``none`` where the default is
-None, and lists joined by ``+`` (``layers=mid+down.2``, ``layers=7+8+9``). Fields that hold objects (a
-weak model, tensors) cannot be written as text and say so.
+None, and lists joined by ``+`` (``layers=mid+down.2``, ``layers=7+8+9``; a one-item list ``layers=mid+``).
+Fields that hold objects (a weak model, tensors) cannot be written as text and say so.
 
 ``format_spec`` writes a term back (the fields that differ from the defaults), so
 ``parse_spec(format_spec(terms)) == terms``; ``label`` is the short caption of a grid row.
@@ -183,7 +183,11 @@ def format_term(term: GuidanceTerm) -> str:
         if key != "rule" and not isinstance(value, (bool, int, float, str, list, tuple, type(None), os.PathLike)):
             raise ValueError(f"{type(term).__name__} {key} is a {type(value).__name__}, which has no text form; "
                              f"give it by name or path (e.g. weak_model=fmnist-weak)")
-    parts = [_text(changed.pop("scale"))] + [f"{k}={_text(v)}" for k, v in changed.items()]
+    fields = _fields(type(term))
+    # a one-item list in a field whose default is a string (layers=["mid"]) is written "mid+": "mid" reads as a str
+    parts = [_text(changed.pop("scale"))] + [
+        f"{k}={_text(v)}" + ("+" if isinstance(v, list) and len(v) == 1 and isinstance(_default(fields[k]), str)
+                             else "") for k, v in changed.items()]
     return f"{name}:{','.join(parts)}"
 
 

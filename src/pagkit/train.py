@@ -77,6 +77,21 @@ class TrainConfig:
     2000 steps ran with ``--max-steps 6000``), the weak model ``fmnist-weak`` for autoguidance."""
 
     def __post_init__(self):
+        if self.size not in ("small", "tiny"):
+            raise ValueError(f"size must be one of small, tiny, got {self.size!r}")
+        for name in ("max_steps", "batch_size", "checkpoint_every", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, low, high in (("lr", 0, math.inf), ("ema_decay", 0, 1), ("label_dropout", 0, 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                    or not math.isfinite(value) or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number in {'(0, inf)' if name == 'lr' else '[0, 1]'}, "
+                                 f"got {value!r}")
+        if self.time_budget_min is not None and not (isinstance(self.time_budget_min, (int, float))
+                                                     and 0 <= self.time_budget_min < math.inf):
+            raise ValueError(f"time_budget_min must be None or a finite number >= 0, got {self.time_budget_min!r}")
         if self.stop_at_step is not None and not (isinstance(self.stop_at_step, int)
                                                   and 1 <= self.stop_at_step <= self.max_steps):
             raise ValueError(f"stop_at_step must be an integer in [1, max_steps={self.max_steps}], "
@@ -109,14 +124,22 @@ def _batch(step: int, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConf
     return x0, y, noise, t
 
 
-def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path) -> None:
-    """Write a diffusers pipeline folder atomically (to a temporary folder, then renamed)."""
+def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path, snapshot: dict | None = None) -> None:
+    """Write a diffusers pipeline folder atomically (to a temporary folder, then renamed), with
+    ``snapshot.json`` when ``snapshot`` is given."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         import shutil
         shutil.rmtree(tmp)
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+        if snapshot is not None:
+            io.write_json(tmp / "snapshot.json", snapshot)
+    except BaseException:  # a full disk: no half-written pipeline stays behind
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         import shutil
         shutil.rmtree(out)
@@ -124,12 +147,27 @@ def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path) -> Non
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) into ``cfg.out``; returns the folder of the final EMA pipeline."""
+    """Train (or resume) into ``cfg.out``; returns the folder of the final EMA pipeline.
+
+    One run at a time per ``cfg.out`` (``io.run_lock``: a second is refused with ``io.RunLocked``)."""
+    with io.run_lock(cfg.out):
+        return _train(cfg)
+
+
+def _checkpoint_files(step: int) -> dict[str, str]:
+    """The tensor files of the checkpoint at ``step``: named by their step, so that writing the next one never
+    touches the files ``state.json`` names (a kill while writing leaves the last checkpoint whole)."""
+    return {part: f"{part}-{step:07d}.safetensors" for part in ("model", "ema", "optimizer")}
+
+
+def _train(cfg: TrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     data_dir = cfg.data_dir or str(default_data_dir())
     images, labels = load_fashion_mnist("train", data_dir)
+    if len(images) < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(images)} images)")
 
     torch.manual_seed(cfg.seed)
     unet = UNet2DModel(**unet_config(cfg.conditional, cfg.size))
@@ -144,31 +182,35 @@ def train(cfg: TrainConfig) -> Path:
         if state["config"]["conditional"] != cfg.conditional or state["config"]["size"] != cfg.size:
             raise ValueError(f"{ckpt} holds a different model (conditional={state['config']['conditional']}, "
                              f"size={state['config']['size']}); use another --out")
-        unet.load_state_dict(io.load_tensors(ckpt / "model.safetensors"))
-        ema_tensors = io.load_tensors(ckpt / "ema.safetensors")
+        files = state.get("files", {part: f"{part}.safetensors" for part in ("model", "ema", "optimizer")})
+        unet.load_state_dict(io.load_tensors(ckpt / files["model"]))
+        ema_tensors = io.load_tensors(ckpt / files["ema"])
         ema.shadow_params = [ema_tensors[f"{i}"] for i in range(len(ema.shadow_params))]
         ema.optimization_step = state["ema_optimization_step"]
-        io.optimizer_from_tensors(opt, io.load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
+        io.optimizer_from_tensors(opt, io.load_tensors(ckpt / files["optimizer"]), state["optimizer"])
         step, log, seconds_before = state["step"], state["log"], state["seconds"]
         running = state["running_loss"]
         print(f"resuming from {ckpt} at step {step}")
 
     def write_checkpoint():
         opt_tensors, opt_meta = io.optimizer_to_tensors(opt)
-        io.save_tensors(ckpt / "model.safetensors", unet.state_dict())
-        io.save_tensors(ckpt / "ema.safetensors", {f"{i}": p for i, p in enumerate(ema.shadow_params)})
-        io.save_tensors(ckpt / "optimizer.safetensors", opt_tensors)
-        # state.json last: it names a step whose tensors are all on disk
+        files = _checkpoint_files(step)
+        io.save_tensors(ckpt / files["model"], unet.state_dict())
+        io.save_tensors(ckpt / files["ema"], {f"{i}": p for i, p in enumerate(ema.shadow_params)})
+        io.save_tensors(ckpt / files["optimizer"], opt_tensors)
+        # state.json last, in one rename: it names a step whose tensors are all on disk
         io.write_json(ckpt / "state.json", {
             "step": step, "seconds": seconds_before + time.time() - t_start, "log": log, "running_loss": running,
-            "ema_optimization_step": ema.optimization_step, "optimizer": opt_meta, "config": asdict(cfg)})
+            "ema_optimization_step": ema.optimization_step, "optimizer": opt_meta, "config": asdict(cfg),
+            "files": files})
+        for old in ckpt.glob("*.safetensors"):  # earlier checkpoints (and one a kill left unnamed)
+            if old.name not in files.values():
+                old.unlink(missing_ok=True)
 
     def write_ema_pipeline(folder: Path, snapshot: dict | None = None):
         ema_unet = UNet2DModel(**unet_config(cfg.conditional, cfg.size))
         ema.copy_to(ema_unet.parameters())
-        save_pipeline(ema_unet, scheduler, folder)
-        if snapshot is not None:  # what export_model(snapshot=...) writes on the card
-            io.write_json(folder / "snapshot.json", snapshot)
+        save_pipeline(ema_unet, scheduler, folder, snapshot)  # snapshot: what export_model(snapshot=...) cards
 
     alphas_cumprod = scheduler.alphas_cumprod
     t_start = time.time()
@@ -199,13 +241,13 @@ def train(cfg: TrainConfig) -> Path:
                         "seconds": round(seconds_before + time.time() - t_start, 1)})
         out_of_time = (cfg.time_budget_min is not None
                        and seconds_before + time.time() - t_start > 60 * cfg.time_budget_min)
-        if step % cfg.checkpoint_every == 0 or step == end or out_of_time:
-            write_checkpoint()
-        if step in milestone_steps:
+        if step in milestone_steps:  # before the checkpoint: a run resumed after this step has its snapshot
             seconds = round(seconds_before + time.time() - t_start, 1)
             write_ema_pipeline(out / f"ema-{int(round(100 * milestone_steps[step]))}pct",
                                {"step": step, "fraction": milestone_steps[step], "max_steps": cfg.max_steps,
                                 "seconds": seconds, "loss": round(running, 5)})
+        if step % cfg.checkpoint_every == 0 or step == end or out_of_time:
+            write_checkpoint()
         if out_of_time:
             print(f"time budget of {cfg.time_budget_min} min reached at step {step}; run again to resume")
             break
