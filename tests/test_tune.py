@@ -172,17 +172,17 @@ def test_a_planted_best_setting_is_found_through_the_command_line(assets, tmp_pa
             "--score", score, "--out", str(out), "--quiet"]
     assert main(args) == 0
     preset = json.loads((out / "preset.json").read_text())
-    assert preset["spec"] == "pag:2,layers=mid" and preset["metric"] == f"score:{score}"
-    planted_rows = [e for e in preset["evidence"] if e["spec"] == "pag:2,layers=mid"]
+    assert preset["spec"] == "pag:2,layers=mid+" and preset["metric"] == f"score:{score}"
+    planted_rows = [e for e in preset["evidence"] if e["spec"] == "pag:2,layers=mid+"]
     assert [(e["rung"], e["score"]) for e in planted_rows] == [(0, 0.0), (1, 0.0)]
-    assert all(e["score"] > 0 for e in preset["evidence"] if e["spec"] != "pag:2,layers=mid")
+    assert all(e["score"] > 0 for e in preset["evidence"] if e["spec"] != "pag:2,layers=mid+")
     c = preset["confirmation"]  # the spread of a callable: its score on the even and on the odd shards
     assert c["spread"] == "even / odd shards" and len(c["tuned_halves"]) == 2 and "tuned_b" not in c
     assert (out / "finalists.png").is_file() and "lower is better" in (out / "tune.md").read_text()
     # presets: one loader for every method, the same terms as the winner
     terms = pagkit.load_preset(out / "preset.json")
-    assert terms == [pagkit.PAG(2.0, layers="mid")]  # the spec names the layers even where they are the default
-    assert pagkit.PAG.from_preset(out / "preset.json") == pagkit.PAG(2.0, layers="mid")
+    assert terms == [pagkit.PAG(2.0, layers=["mid"])]  # the spec names the layers even where they are the default
+    assert pagkit.PAG.from_preset(out / "preset.json") == pagkit.PAG(2.0, layers=["mid"])
     with pytest.raises(ValueError, match="is a pag preset, not seg"):
         pagkit.SEG.from_preset(out / "preset.json")
 
