@@ -243,3 +243,31 @@ def test_fold_restores_the_model_after_an_exception():
     assert {n: vars(m).get("forward") for n, m in model.named_modules()} == forwards
     assert {n: getattr(m, "processor", None) for n, m in model.named_modules()} == processors
     assert torch.equal(_sample(model, [pagkit.CFG(2.0)]), _sample(model, [pagkit.CFG(2.0)]))
+
+
+def test_stg_on_a_video_model_caches_and_folds():
+    """STG (residual, Wan): with the same x and t at every call, the reused difference is the exact one, so a cached
+    step equals the exact prediction; the cached steps run no perturbed rows; fold costs CFG's rows."""
+    import video_models as V
+    from pagkit.backends import detect
+    model = V.wan()
+    x, t, cond = V.wan_inputs(batch=B)
+    backend = detect(model)
+    uncond = {**cond, "encoder_hidden_states": torch.randn(cond["encoder_hidden_states"].shape,
+                                                           generator=torch.Generator().manual_seed(7))}
+    cond, uncond = backend.per_sample_inputs(model, x, cond), backend.per_sample_inputs(model, x, uncond)
+    cached = GuidedDenoiser(model, [pagkit.CFG(3.0), pagkit.STG(2.0, layers=[1], cache=2)])
+    exact = GuidedDenoiser(model, [pagkit.CFG(3.0), pagkit.STG(2.0, layers=[1])])
+    with _Count(model) as rows, torch.no_grad():
+        for progress in (0.0, 0.25, 0.5, 0.75):
+            ours = cached.predict(x, t, cond, uncond, progress=progress)
+            torch.testing.assert_close(ours, exact.predict(x, t, cond, uncond, progress=progress), rtol=0, atol=1e-6)
+    # calls alternate cached, exact: the cached denoiser runs CFG's rows only on its steps 1 and 3
+    assert rows == [3 * B, 3 * B, 2 * B, 3 * B, 3 * B, 3 * B, 2 * B, 3 * B]
+    folded = GuidedDenoiser(model, [pagkit.CFG(3.0), pagkit.STG(2.0, layers=[1], fold=True)])
+    with _Count(model) as rows, torch.no_grad():
+        out = folded.predict(x, t, cond, uncond, progress=0.5)
+        cfg = GuidedDenoiser(model, [pagkit.CFG(3.0)]).predict(x, t, cond, uncond, progress=0.5)
+    assert rows[0] == 2 * B and not torch.allclose(out, cfg, atol=1e-5)
+    with pytest.raises(ValueError, match="rescale cannot be set"):
+        pagkit.STG(1.0, layers=[1], fold=True, rescale=0.7)

@@ -79,6 +79,8 @@ class STG(ContrastTerm):
             raise ValueError(f"STG rescale must be in [0, 1] (the official value is 0.7), got {self.rescale!r}")
         if self.layers is not None:
             check_blocks("STG", self.layers)
+        if self.fold and self.rescale:
+            raise ValueError("STG(fold=True) has no ε̃ of its own to rescale: rescale cannot be set with it")
 
     def make_perturbation(self) -> Perturbation:
         return Identity()
