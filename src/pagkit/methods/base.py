@@ -14,6 +14,8 @@ which the denoiser asks, at each step where the term is active:
   nothing (NAG, which rewrites ε_c itself: ``rewrites_cond``). Every contribution is k·(D_pos − D_neg),
   computed by ``Bound.scaled_difference``, the one place where the term's combination rule (``rule=``,
   pagkit.methods.rules: APG, CFG-Zero*) replaces D_pos − D_neg;
+* ``reset()`` at the start of a sampling run and ``begin_step(index)`` at each step where it acts: per-run state
+  (``Contrast``'s difference cache, ``cache=k``);
 * ``adjust(scale, guided, step)``, where ``adjusts`` is set: a rule on the whole ε̃ once every contribution is
   in (STG's std rescale); at most one bound term per denoiser adjusts.
 
