@@ -39,13 +39,14 @@ def test_old_terms_keep_their_arguments_and_defaults():
     fields = {cls.__name__: {f.name: f.default for f in dataclasses.fields(cls)} for cls in METHODS.values()}
     common = {"start": 0.0, "stop": 1.0, "scale_end": None, "rule": None}
     assert fields["CFG"] == {"scale": 7.5, **common}
-    assert fields["PAG"] == {"scale": 3.0, **common, "layers": "mid", "perturbation": "identity", "mask_prob": 0.5,
+    cheap = {"cache": 1, "cache_mode": "reuse", "fold": False}  # the contrast terms' cheaper variants (test_cost.py)
+    assert fields["PAG"] == {"scale": 3.0, **common, **cheap, "layers": "mid", "perturbation": "identity", "mask_prob": 0.5,
                              "noise_std": 1.0, "seed": 0, "heads": None, "strength": 1.0}
-    assert fields["SEG"] == {"scale": 3.0, **common, "sigma": float("inf"), "layers": "mid", "per_frame": False}
+    assert fields["SEG"] == {"scale": 3.0, **common, **cheap, "sigma": float("inf"), "layers": "mid", "per_frame": False}
     assert fields["SAG"] == {"scale": 0.75, **common, "layer": "mid", "blur_sigma": 1.0, "kernel_size": 9}
-    assert fields["SLG"] == {"scale": 2.8, "start": 0.01, "stop": 0.2, "scale_end": None, "rule": None,
+    assert fields["SLG"] == {"scale": 2.8, "start": 0.01, "stop": 0.2, "scale_end": None, "rule": None, **cheap,
                              "layers": (7, 8, 9)}
-    assert fields["TPG"] == {"scale": 3.0, **common, "layers": tuple(range(6, 24)), "seed": 0}
+    assert fields["TPG"] == {"scale": 3.0, **common, **cheap, "layers": tuple(range(6, 24)), "seed": 0}
 
 
 def test_slg_interval_is_open_at_both_ends_as_diffusers():

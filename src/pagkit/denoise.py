@@ -73,6 +73,14 @@ class GuidedDenoiser:
             raise ValueError(f"{len(adjusting)} terms ({', '.join(adjusting)}) rescale the whole guided prediction; "
                              "ε̃ is rescaled once: set rescale on one term only")
         self.rules = [m.rule for m in self.methods if m.rule is not None]
+        folding = [m for m in self.methods if getattr(m, "folds", False)]
+        if folding and self.base is None:
+            raise ValueError(f"{type(folding[0].term).__name__}(fold=True) perturbs CFG's unconditional branch and "
+                             "needs a pagkit.CFG term in the same guidance (pagkit.sample / pagkit.guide; a diffusers "
+                             "pipeline's own CFG through pagkit.attach is not supported): add CFG(w) or drop fold")
+        if len(folding) > 1:
+            raise ValueError(f"{len(folding)} terms fold into CFG's unconditional branch; at most one may "
+                             f"({', '.join(type(m.term).__name__ for m in folding)})")
         self.reset()
 
     def reset(self) -> None:
@@ -80,6 +88,8 @@ class GuidedDenoiser:
         self._progress, self._index = None, 0
         for rule in self.rules:
             rule.reset()
+        for method in self.methods:  # difference caches (cache=k)
+            method.reset()
 
     def begin_step(self, progress: float) -> bool:
         """Track the run (see the class docstring); whether a rule zeroes the prediction at this step (zero-init)."""
@@ -97,13 +107,19 @@ class GuidedDenoiser:
         cfg_scale = base.term.scale_at(progress) if base is not None and base.term.active(progress) else None
         if external_cfg is not None:
             cfg_scale = external_cfg
-        branches = ([Branch("uncond", "uncond")] if cfg_scale is not None else []) + [Branch("cond", "cond")]
-        scales = {}
+        folded: dict[str, object] = {}  # patches of fold=True terms, onto the uncond rows (ε̂_u)
+        extra, scales = [], {}
         for method in self.methods:
             if method is not base and method.term.active(progress):
+                if getattr(method, "folds", False):
+                    if cfg_scale is not None:
+                        folded.update(method.patches)
+                    continue
+                method.begin_step(self._index)
                 scales[method.key] = scale = method.term.scale_at(progress)
-                branches += method.branches(scale)
-        return branches, scales, cfg_scale
+                extra += method.branches(scale)
+        branches = ([Branch("uncond", "uncond", folded)] if cfg_scale is not None else []) + [Branch("cond", "cond")]
+        return branches + extra, scales, cfg_scale
 
     def _shared_prefix(self, branches: list[Branch], b: int):
         """Share the stages before the first patched site or block between ``cond`` and the patched branches

@@ -27,8 +27,8 @@ Any term takes a combination rule, ``rule=APG(...)`` or ``rule=CFGZeroStar(...)`
 difference (see ``pagkit.methods.rules``). This module re-exports them; each method's own module in ``pagkit.methods`` documents it.
 """
 from .methods import (APG, CFG, METHODS, NAG, PAG, RULES, SAG, SEG, SLG, STG, TPG, AutoGuidance,  # noqa: F401
-                      CFGZeroStar, GuidanceTerm, check_guidance, combine, rescale_guidance)
+                      CFGZeroStar, ContrastTerm, GuidanceTerm, check_guidance, combine, rescale_guidance)
 from .methods.base import _check_number  # noqa: F401
 
 __all__ = ["CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "NAG", "AutoGuidance", "METHODS", "APG", "CFGZeroStar",
-           "RULES", "GuidanceTerm", "check_guidance", "combine", "rescale_guidance"]
+           "RULES", "GuidanceTerm", "ContrastTerm", "check_guidance", "combine", "rescale_guidance"]

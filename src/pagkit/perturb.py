@@ -55,9 +55,12 @@ def gaussian_blur(img: torch.Tensor, sigma: float, kernel_size: int | None = Non
 
     The kernel is clamped to the largest odd size each axis can reflect-pad, so
     small or non-square grids work (SEG's official code clamps the same way).
+    Half-precision input (bf16, fp16) is blurred in float32 and returned in its own dtype.
     """
     if kernel_size is None:
         kernel_size = seg_kernel_size(sigma)
+    if img.dtype in (torch.float16, torch.bfloat16):
+        return gaussian_blur(img.float(), sigma, kernel_size).to(img.dtype)
     out = img
     for axis, length in ((-1, img.shape[-1]), (-2, img.shape[-2])):
         k = min(kernel_size, length if length % 2 == 1 else length - 1)
@@ -76,7 +79,9 @@ def gaussian_blur(img: torch.Tensor, sigma: float, kernel_size: int | None = Non
 
 def gaussian_blur_video(img: torch.Tensor, sigma: float, per_frame: bool = False) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, F, H, W): each frame as ``gaussian_blur``, then along F (unless
-    ``per_frame``) with the same reflect padding and kernel clamping."""
+    ``per_frame``) with the same reflect padding and kernel clamping; half precision is blurred in float32."""
+    if img.dtype in (torch.float16, torch.bfloat16):
+        return gaussian_blur_video(img.float(), sigma, per_frame).to(img.dtype)
     b, c, f, h, w = img.shape
     out = gaussian_blur(img.transpose(1, 2).reshape(b * f, c, h, w), sigma).reshape(b, f, c, h, w).transpose(1, 2)
     k = min(seg_kernel_size(sigma), f if f % 2 == 1 else f - 1)

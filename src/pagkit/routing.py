@@ -337,12 +337,13 @@ def _leading_rows(out) -> int | None:
 
 
 def _attention_received(q, k, mask, scale) -> torch.Tensor:
-    """(b, S): attention each key receives, mean over heads, summed over queries (mean 1)."""
+    """(b, S): attention each key receives, mean over heads, summed over queries (mean 1); in float32 whatever the
+    model's dtype (half-precision logits would round the map SAG thresholds at 1)."""
     s = scale if scale is not None else q.shape[-1] ** -0.5
-    logits = q @ k.transpose(-1, -2) * s
+    logits = q.float() @ k.float().transpose(-1, -2) * s
     if mask is not None:
         logits = logits + _additive(mask, logits.dtype)
-    return torch.softmax(logits.float(), dim=-1).mean(dim=1).sum(dim=1).detach()
+    return torch.softmax(logits, dim=-1).mean(dim=1).sum(dim=1).detach()
 
 
 class _AttentionSeam(TorchFunctionMode):

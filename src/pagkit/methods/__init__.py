@@ -32,12 +32,25 @@ rule               Δ'                                                neutral
                    on the first ``zero_init_steps``
 =================  ================================================  ==========================================
 
+Cheaper variants (``base.ContrastTerm``; options of PAG, SEG, SLG, STG and TPG, issue 19):
+
+================  ==========================================  =============================================
+option            ε̃                                           cost
+================  ==========================================  =============================================
+``cache=k``       D = ε_c − ε̂ computed every k-th active      the perturbed rows on 1 step in k
+``cache_mode=``   step; s_i·D̃ in between, D̃ the last D
+                  (``"reuse"``) or the line through the last
+                  two (``"extrapolate"``)
+``fold=True``     ε̂_u + w(ε_c − ε̂_u): CFG's uncond rows        CFG's two rows; the term's scale only switches
+                  perturbed (needs ``CFG``)                    it (≠ 0 on, 0 off), the strength is CFG's w
+================  ==========================================  =============================================
+
 ``METHODS`` names them as the command line and the evaluation do. A new method is one module here with a
 ``GuidanceTerm`` subclass whose ``bind`` returns a ``base.Bound`` (see base.py), and one entry in ``METHODS``;
 its text form (``pagkit sample --guidance "pag:1,layers=mid"``, ``pagkit eval --methods … --options …``) is
 read off its dataclass fields by ``pagkit.spec``, so the command line needs no change.
 """
-from .base import Bound, Branch, Context, Contrast, GuidanceTerm, Step, check_guidance, combine, rescale_guidance
+from .base import Bound, Branch, Context, Contrast, ContrastTerm, GuidanceTerm, Step, check_guidance, combine, rescale_guidance
 from .autoguidance import AutoGuidance
 from .cfg import CFG
 from .rules import APG, RULES, CFGZeroStar, Rule
@@ -53,5 +66,5 @@ METHODS: dict[str, type[GuidanceTerm]] = {"cfg": CFG, "pag": PAG, "seg": SEG, "s
                                       "tpg": TPG, "nag": NAG, "autoguidance": AutoGuidance}
 
 __all__ = ["METHODS", "CFG", "PAG", "SEG", "SAG", "SLG", "STG", "TPG", "NAG", "AutoGuidance", "RULES", "APG",
-           "CFGZeroStar", "Rule", "GuidanceTerm", "Bound", "Branch", "Context", "Contrast", "Step", "NoiseSchedule",
+           "CFGZeroStar", "Rule", "GuidanceTerm", "ContrastTerm", "Bound", "Branch", "Context", "Contrast", "Step", "NoiseSchedule",
            "check_guidance", "combine", "rescale_guidance"]

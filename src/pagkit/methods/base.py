@@ -14,6 +14,8 @@ which the denoiser asks, at each step where the term is active:
   nothing (NAG, which rewrites ε_c itself: ``rewrites_cond``). Every contribution is k·(D_pos − D_neg),
   computed by ``Bound.scaled_difference``, the one place where the term's combination rule (``rule=``,
   pagkit.methods.rules: APG, CFG-Zero*) replaces D_pos − D_neg;
+* ``reset()`` at the start of a sampling run and ``begin_step(index)`` at each step where it acts: per-run state
+  (``Contrast``'s difference cache, ``cache=k``);
 * ``adjust(scale, guided, step)``, where ``adjusts`` is set: a rule on the whole ε̃ once every contribution is
   in (STG's std rescale); at most one bound term per denoiser adjusts.
 
@@ -107,6 +109,55 @@ class GuidanceTerm:
         raise NotImplementedError(f"{type(self).__name__} does not say how it guides (bind)")
 
 
+CACHE_MODES = ("reuse", "extrapolate")
+
+
+@dataclass
+class ContrastTerm(GuidanceTerm):
+    """A term that contrasts ε_c with one perturbed copy of it, s·(ε_c − ε̂) (PAG, SEG, SLG, TPG, STG), with two
+    cheaper variants that trade exactness for cost (issue 19):
+
+    * **Difference caching** (``cache=k``): the difference D = ε_c − ε̂ is computed, with its perturbed rows, on
+      every k-th step where the term acts (the 1st, the (k+1)-th, ...); on the steps in between no perturbed row
+      runs and the contribution is s_i·D̃, s_i the scale at that step and D̃ the last computed D
+      (``cache_mode="reuse"``) or its linear extrapolation from the last two computed ones, D̃ = D₂ + (n − n₂)/(n₂ −
+      n₁)·(D₂ − D₁) with n the active-step ordinal (``"extrapolate"``; D₂ alone until two exist). k = 1 (the
+      default) is the exact method. The state lives per sampling run (``GuidedDenoiser.reset``). With a ``rule``,
+      the rule sees D_pos = ε_c and D_neg = ε_c − D̃.
+    * **Folding into the unconditional branch** (``fold=True``, with a ``pagkit.CFG`` term): the perturbation is
+      applied to CFG's unconditional rows instead of a copy of the conditional ones, ε̃ = ε̂_u + w(ε_c − ε̂_u),
+      exactly CFG's two rows per sample. The idea of ComfyUI's ``SkipLayerGuidanceDiTSimple``
+      (comfy_extras/nodes_slg.py: skip layers in the uncond pass only), for any perturbation. **Scale convention**:
+      the strength is CFG's w; the term's own ``scale`` only switches it on (≠ 0) or off (0), and ``start``/
+      ``stop`` say on which steps the uncond rows are perturbed (where CFG is inactive, folding does nothing).
+      A ramp (``scale_end``), a ``rule`` or caching have no meaning there and are refused.
+    """
+
+    cache: int = field(default=1, kw_only=True)
+    """Recompute the difference every ``cache``-th active step and reuse it in between (1 = every step, exact)."""
+    cache_mode: str = field(default="reuse", kw_only=True)
+    """How the steps in between get it: ``"reuse"`` the last one, ``"extrapolate"`` linearly from the last two."""
+    fold: bool = field(default=False, kw_only=True)
+    """Perturb CFG's unconditional rows instead of an extra copy: ε̃ = ε̂_u + w(ε_c − ε̂_u) (needs pagkit.CFG)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if isinstance(self.cache, bool) or not isinstance(self.cache, int) or self.cache < 1:
+            raise ValueError(f"{name} cache must be an integer >= 1 (1 = no caching), got {self.cache!r}")
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"{name} cache_mode must be one of {', '.join(map(repr, CACHE_MODES))}, "
+                             f"got {self.cache_mode!r}")
+        if not isinstance(self.fold, bool):
+            raise ValueError(f"{name} fold must be true or false, got {self.fold!r}")
+        if self.fold:
+            clash = [what for what, bad in (("cache", self.cache != 1), ("scale_end", self.scale_end is not None),
+                                            ("rule", self.rule is not None)) if bad]
+            if clash:
+                raise ValueError(f"{name}(fold=True) uses CFG's scale on ε̂_u and has no difference of its own: "
+                                 f"{', '.join(clash)} cannot be set with it")
+
+
 @dataclass
 class Branch:
     """Rows of the batched forward: which inputs they read, and the patches routed onto them."""
@@ -172,6 +223,12 @@ class Bound:
             return k * (positive - negative)
         return k * self.rule.difference(positive, negative, step)
 
+    def reset(self) -> None:
+        """A new sampling run starts (``GuidedDenoiser.reset``): forget any per-run state."""
+
+    def begin_step(self, index: int) -> None:
+        """The denoiser's step ``index`` (0, 1, …; repeated for calls at the same step) is one where the term acts."""
+
     def branches(self, scale: float) -> list[Branch]:
         return []
 
@@ -187,17 +244,62 @@ class Bound:
 
 
 class Contrast(Bound):
-    """One perturbed copy of the conditional branch; contributes s·(ε_c − ε_perturbed) (PAG, SEG, SLG)."""
+    """One perturbed copy of the conditional branch; contributes s·(ε_c − ε_perturbed) (PAG, SEG, SLG, TPG, STG).
+
+    With ``cache=k`` it runs that copy on every k-th active step only and reuses (or extrapolates) the difference
+    in between; with ``fold=True`` it runs no copy: ``folds`` tells the denoiser to put ``patches`` on CFG's
+    unconditional rows, and it contributes nothing itself (see ``ContrastTerm``)."""
 
     def __init__(self, term: GuidanceTerm, key: str, patches: dict[str, object]):
         super().__init__(term, key)
         self.patches = patches
+        self.cache = getattr(term, "cache", 1)
+        self.cache_mode = getattr(term, "cache_mode", "reuse")
+        self.folds = getattr(term, "fold", False)
+        self.reset()
+
+    def reset(self):
+        self._step = None  # the denoiser's index of the last active step
+        self._active = -1  # its ordinal among the active steps of this run (0, 1, …)
+        self._computed: list[tuple[int, torch.Tensor]] = []  # (ordinal, ε_c − ε̂) of the last two computed steps
+
+    def begin_step(self, index):
+        if index != self._step:
+            self._step, self._active = index, self._active + 1
+
+    @property
+    def computes(self) -> bool:
+        """Whether this step runs the perturbed rows (every step without caching; every k-th active one with)."""
+        return self.cache == 1 or self._active % self.cache == 0
 
     def branches(self, scale):
+        if self.folds or not self.computes:
+            return []
         return [Branch(self.key, "cond", self.patches)]
 
     def contribution(self, scale, step):
-        return self.scaled_difference(scale, step.eps["cond"], step.eps[self.key], step)
+        if self.folds:
+            return None  # the perturbation acted on the uncond rows; CFG's combine is ε̂_u + w(ε_c − ε̂_u)
+        cond = step.eps["cond"]
+        if self.cache == 1:
+            return self.scaled_difference(scale, cond, step.eps[self.key], step)
+        if self.computes:
+            difference = cond - step.eps[self.key]
+            kept = [c for c in self._computed if c[0] != self._active][-1:]  # a repeated call replaces its own
+            self._computed = kept + [(self._active, difference)]
+        else:
+            difference = self.cached_difference()
+        if not self.rule_acts:
+            return scale * difference
+        return self.scaled_difference(scale, cond, cond - difference, step)
+
+    def cached_difference(self) -> torch.Tensor:
+        """D̃ at this active step: the last computed D (reuse) or the line through the last two (extrapolate)."""
+        n2, d2 = self._computed[-1]
+        if self.cache_mode == "reuse" or len(self._computed) < 2:
+            return d2
+        n1, d1 = self._computed[-2]
+        return d2 + ((self._active - n2) / (n2 - n1)) * (d2 - d1)
 
 
 def bind(term: GuidanceTerm, key: str, context: Context) -> Bound:

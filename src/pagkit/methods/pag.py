@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 from ..layers import resolve_layers
 from ..perturb import Perturbation, SoftIdentity, make_perturbation
-from .base import Contrast, GuidanceTerm, _check_number
+from .base import Contrast, ContrastTerm, _check_number
 
 
 @dataclass
-class PAG(GuidanceTerm):
+class PAG(ContrastTerm):
     """Perturbed-Attention Guidance (Ahn et al. 2024), optionally soft and on chosen heads (HeadHunter, 2025).
 
     ``layers``: self-attention layers to perturb (names, globs or aliases; see ``pagkit.layers``).

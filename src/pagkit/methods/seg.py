@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..perturb import Perturbation, QueryBlur
-from .base import GuidanceTerm
+from .base import ContrastTerm
 from .pag import attention_contrast
 
 
 @dataclass
-class SEG(GuidanceTerm):
+class SEG(ContrastTerm):
     """Smoothed Energy Guidance (Hong 2024): blur the queries of ``layers`` with a Gaussian of width ``sigma``.
 
     ``sigma=float("inf")`` (or anything above 9999) replaces every query by the mean query. On video sites the

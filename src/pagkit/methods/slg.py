@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 
 from ..layers import resolve_layers
 from ..routing import SKIP
-from .base import Contrast, GuidanceTerm
+from .base import Contrast, ContrastTerm
 
 
 @dataclass
-class SLG(GuidanceTerm):
+class SLG(ContrastTerm):
     """Skip-layer guidance: ε̃ = CFG + s(ε_c − ε_skip), ε_skip with ``layers`` (blocks) returning their inputs.
 
     Scale s as diffusers' ``skip_layer_guidance_scale`` (0 = off). The interval is open at both ends:

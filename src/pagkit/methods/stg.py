@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from ..perturb import Identity, Perturbation
 from ..routing import SKIP
-from .base import Contrast, GuidanceTerm, _check_number, rescale_guidance
+from .base import Contrast, ContrastTerm, _check_number, rescale_guidance
 from .pag import attention_contrast
 from .slg import _items, check_blocks, resolve_blocks
 
@@ -50,7 +50,7 @@ DEFAULT_BLOCKS = {"mochi": [34], "cogvideox": [11], "hunyuan_video": [2], "ltx":
 
 
 @dataclass
-class STG(GuidanceTerm):
+class STG(ContrastTerm):
     """Spatiotemporal Skip Guidance (Hyung et al. 2025): ε̃ = CFG + s(ε_c − ε_ptb), ε_ptb with ``layers`` skipped.
 
     ``layers``: block indices (the official ``stg_applied_layers_idx``, into ``Backend.skip_blocks``), block
@@ -79,6 +79,8 @@ class STG(GuidanceTerm):
             raise ValueError(f"STG rescale must be in [0, 1] (the official value is 0.7), got {self.rescale!r}")
         if self.layers is not None:
             check_blocks("STG", self.layers)
+        if self.fold and self.rescale:
+            raise ValueError("STG(fold=True) has no ε̃ of its own to rescale: rescale cannot be set with it")
 
     def make_perturbation(self) -> Perturbation:
         return Identity()

@@ -29,12 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..routing import TokenShuffle
-from .base import Contrast, GuidanceTerm
+from .base import Contrast, ContrastTerm
 from .slg import _items, resolve_blocks
 
 
 @dataclass
-class TPG(GuidanceTerm):
+class TPG(ContrastTerm):
     """Token Perturbation Guidance: ε̃ = CFG + s(ε_c − ε_tpg), ε_tpg with the tokens entering ``layers`` shuffled.
 
     ``layers``: block indices into the backend's ``token_blocks`` (default: the official SDXL blocks 6–23), block
