@@ -21,11 +21,10 @@ import models
 import pagkit
 from pagkit import io
 from pagkit.cli import main
-from test_evaluate import assets  # noqa: F401  (fixture: a tiny 32×32 model and feature classifiers)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, assets):  # noqa: F811
+def files(tmp_path_factory, assets):
     root = tmp_path_factory.mktemp("bad-input")
     DDPMPipeline(unet=models.unet2d(), scheduler=DDIMScheduler()).save_pretrained(root / "model16")
     for name in ("model", "classifier", "classifier-b"):

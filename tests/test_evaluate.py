@@ -7,29 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
-from pagkit import io
 from pagkit.evaluate import EvalConfig, Sweep, expand, fd_change_maps, fd_lines, write_tables
 from pagkit.load import load_scheduler
-from pagkit.metrics import FashionClassifier, ResNetClassifier
-from pagkit.train import unet_config
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-assets")
-    torch.manual_seed(0)
-    DDPMPipeline(unet=UNet2DModel(**unet_config(False, "tiny")), scheduler=DDIMScheduler()).save_pretrained(
-        root / "model")
-    classifier = FashionClassifier(width=8)
-    io.save_tensors(root / "classifier" / "model.safetensors", classifier.state_dict())
-    io.write_json(root / "classifier" / "config.json", {"width": 8, "num_features": 128})
-    second = ResNetClassifier(width=4)  # the second network: another design (config.json names it)
-    io.save_tensors(root / "classifier-b" / "model.safetensors", second.state_dict())
-    io.write_json(root / "classifier-b" / "config.json", {"arch": "resnet", "width": 4, "num_features": 16})
-    return root
 
 
 def _sweep(assets, out, **kw):

@@ -19,15 +19,14 @@ import pytest
 import torch
 
 from pagkit import io
-from test_evaluate import assets  # noqa: F401  (fixture: a tiny 32×32 model and feature classifiers)
 
-def _eval_args(assets):  # noqa: F811
+def _eval_args(assets):
     return ["eval", "--model", str(assets / "model"), "--methods", "none,pag", "--scales", "2", "--layers", "down.1",
             "--steps", "2", "--num-samples", "16", "--shard-size", "2", "--classifier", str(assets / "classifier"),
             "--classifier-b", str(assets / "classifier-b"), "--num-real", "100", "--threads", "1", "--quiet"]
 
 
-def _restore_args(assets):  # noqa: F811
+def _restore_args(assets):
     return ["restore", "--task", "box-inpaint", "--test-images", "8", "--batch-size", "2", "--model",
             str(assets / "model"), "--steps", "2", "--pag-layers", "down.1", "--classifier", str(assets / "classifier"),
             "--num-real", "100", "--threads", "1", "--quiet"]
@@ -103,7 +102,7 @@ def _same_files(a: Path, b: Path, pattern: str) -> None:
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
-def test_killed_eval_resumes_to_the_uninterrupted_result(assets, tmp_path):  # noqa: F811
+def test_killed_eval_resumes_to_the_uninterrupted_result(assets, tmp_path):
     from pagkit.cli import main
     assert main([*_eval_args(assets), "--out", str(tmp_path / "straight")]) == 0
     at = _run_with_kills(_eval_args(assets), tmp_path / "killed", kills=5, seed=1)
@@ -113,7 +112,7 @@ def test_killed_eval_resumes_to_the_uninterrupted_result(assets, tmp_path):  # n
     assert _temporaries(tmp_path / "killed") == []
 
 
-def test_killed_restore_resumes_to_the_uninterrupted_result(assets, tmp_path):  # noqa: F811
+def test_killed_restore_resumes_to_the_uninterrupted_result(assets, tmp_path):
     from pagkit.cli import main
     assert main([*_restore_args(assets), "--out", str(tmp_path / "straight")]) == 0
     at = _run_with_kills(_restore_args(assets), tmp_path / "killed", kills=5, seed=2)
@@ -179,7 +178,7 @@ def _hold_lock(folder: Path):
     return proc
 
 
-def test_a_second_run_on_the_same_out_is_refused_and_a_dead_owners_lock_is_taken_over(assets, tmp_path,  # noqa: F811
+def test_a_second_run_on_the_same_out_is_refused_and_a_dead_owners_lock_is_taken_over(assets, tmp_path,
                                                                                      capsys):
     from pagkit.cli import main
     out = tmp_path / "out"
@@ -225,7 +224,7 @@ def _cli_child_err(argv, errors):
     errors.put((code, err.getvalue()))
 
 
-def test_two_runs_at_once_one_is_refused(assets, tmp_path):  # noqa: F811
+def test_two_runs_at_once_one_is_refused(assets, tmp_path):
     """Two ``pagkit eval`` processes started together on one --out: one runs, the other is refused."""
     ctx = multiprocessing.get_context("fork")
     errors = ctx.Queue()

@@ -14,7 +14,6 @@ from pagkit.cli import main
 from pagkit.data import read_images
 from pagkit.restore import (TASKS, GaussianBlur, MotionBlur, RandomInpaint, SuperResolution, dps, make_operator,
                             motion_kernel, restore_eval)
-from test_evaluate import assets  # noqa: F401  (fixture: a tiny 32×32 model and feature classifier)
 
 PAG = [pagkit.PAG(3.0, layers="down.1")]
 

@@ -7,28 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline
 
 import pagkit
 from pagkit import io
 from pagkit.cli import main
 from pagkit.evaluate import EvalConfig, Sweep
-from pagkit.metrics import FashionClassifier, ResNetClassifier
-from pagkit.train import unet_config
 from pagkit.tune import Tune, make_plan, rung_sizes
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune-assets")
-    torch.manual_seed(0)
-    DDPMPipeline(unet=UNet2DModel(**unet_config(False, "tiny")), scheduler=DDIMScheduler()).save_pretrained(
-        root / "model")
-    io.save_tensors(root / "classifier" / "model.safetensors", FashionClassifier(width=8).state_dict())
-    io.write_json(root / "classifier" / "config.json", {"width": 8, "num_features": 128})
-    io.save_tensors(root / "classifier-b" / "model.safetensors", ResNetClassifier(width=4).state_dict())
-    io.write_json(root / "classifier-b" / "config.json", {"arch": "resnet", "width": 4, "num_features": 16})
-    return root
 
 
 # 3 sites x 2 scales = 6 settings: rungs of 6 and 2 (η = 3); with shards of 4 the minimum budget is
