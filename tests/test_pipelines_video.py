@@ -22,6 +22,7 @@ import models
 import pagkit
 from test_pipelines_without_pag import _HandGuided
 from test_pipelines_without_pag import _run as run_pipeline
+from test_pipelines_without_pag import latents_recorder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import video_models as V  # noqa: E402
@@ -176,16 +177,11 @@ def test_video_pipeline_intervals_follow_the_scheduler_steps(name, schedule):
     the latents after steps 1 and 2 are the plain pipeline's exactly."""
     pipe, kwargs, layers, hand = _setup(name, True, steps=4)
 
-    def recorder(into):
-        def callback(pipe, i, t, tensors):
-            into.append(tensors["latents"].clone())
-            return tensors
-        return callback
     plain, attached, expected = [], [], []
-    _run(pipe, kwargs, callback=recorder(plain))
-    _run(pipe, kwargs, pagkit.PAG(2.0, layers=layers, **schedule), callback=recorder(attached))
+    _run(pipe, kwargs, callback=latents_recorder(plain))
+    _run(pipe, kwargs, pagkit.PAG(2.0, layers=layers, **schedule), callback=latents_recorder(attached))
     _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, layers, 2.0, 4, **hand, **schedule),
-         callback=recorder(expected))
+         callback=latents_recorder(expected))
     assert len(attached) == 4
     for a, e in zip(attached, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-4)

@@ -64,6 +64,14 @@ class _HandGuided:
         return (eps + delta / (self.separate_cfg or 1.0),)
 
 
+def latents_recorder(into: list):
+    """A pipeline step callback that appends a copy of the latents after each step to ``into``."""
+    def callback(pipe, i, t, tensors):
+        into.append(tensors["latents"].clone())
+        return tensors
+    return callback
+
+
 def _run(pipe, kwargs, *guidance, hand=None, callback=None, output="images"):
     """The pipeline's ``output`` (images; frames for video) from seed 1: plain, with ``hand`` as the transformer's
     forward, or under ``pagkit.attach(pipe, *guidance)``."""
@@ -175,15 +183,10 @@ def test_flux_intervals_follow_the_flow_matching_steps(mode, schedule):
     pipe, kwargs = _flux(mode)
     kwargs["num_inference_steps"] = 4
 
-    def recorder(into):
-        def callback(pipe, i, t, tensors):
-            into.append(tensors["latents"].clone())
-            return tensors
-        return callback
     plain, attached, expected = [], [], []
-    _run(pipe, kwargs, callback=recorder(plain))
-    _run(pipe, kwargs, pagkit.PAG(2.0, layers=FLUX_LAYERS, **schedule), callback=recorder(attached))
-    _run(pipe, kwargs, hand=_hand_for_flux(pipe, kwargs, 2.0, **schedule), callback=recorder(expected))
+    _run(pipe, kwargs, callback=latents_recorder(plain))
+    _run(pipe, kwargs, pagkit.PAG(2.0, layers=FLUX_LAYERS, **schedule), callback=latents_recorder(attached))
+    _run(pipe, kwargs, hand=_hand_for_flux(pipe, kwargs, 2.0, **schedule), callback=latents_recorder(expected))
     for a, e in zip(attached, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-4)
     same = [torch.equal(a, p) for a, p in zip(attached, plain)]
@@ -402,16 +405,11 @@ def test_zimage_pipeline_intervals_follow_its_steps():
     pipe, kwargs = _zimage(3.0)
     kwargs["num_inference_steps"] = 4
 
-    def recorder(into):
-        def callback(pipe, i, t, tensors):
-            into.append(tensors["latents"].clone())
-            return tensors
-        return callback
     plain, attached, expected = [], [], []
-    _run(pipe, kwargs, callback=recorder(plain))
-    _run(pipe, kwargs, pagkit.PAG(2.0, layers="layers.1.attention", start=0.5), callback=recorder(attached))
+    _run(pipe, kwargs, callback=latents_recorder(plain))
+    _run(pipe, kwargs, pagkit.PAG(2.0, layers="layers.1.attention", start=0.5), callback=latents_recorder(attached))
     _run(pipe, kwargs, hand=_HandZImage(pipe.transformer, "layers.1.attention", 2.0, 4, 3.0, start=0.5),
-         callback=recorder(expected))
+         callback=latents_recorder(expected))
     for a, e in zip(attached, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-4)
     assert [torch.equal(a, p) for a, p in zip(attached, plain)] == [True, True, False, False]
