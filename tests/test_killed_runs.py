@@ -81,7 +81,8 @@ def _run_with_kills(argv, out: Path, kills: int, seed: int) -> list[int]:
 
 
 def _temporaries(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*.tmp")]
+    """Half-written files: ours (``.*.tmp``) and safetensors' own (``.tmpXXXXXX``)."""
+    return [p for p in out.rglob(".*") if p.name.endswith(".tmp") or io.SAFETENSORS_TMP.fullmatch(p.name)]
 
 
 def _eval_metrics(out):
@@ -133,7 +134,20 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     assert state["step"] == 12 and sorted(p.name for p in (tmp_path / "killed" / "checkpoint").iterdir()) == \
         sorted(["state.json", *state["files"].values()])  # older checkpoints (and half-made ones) are gone
     assert io.read_json(tmp_path / "killed" / "summary.json")["finished"]
-    assert _temporaries(tmp_path / "killed") == [] and not list((tmp_path / "killed").glob(".*.tmp"))
+    assert _temporaries(tmp_path / "killed") == []
+
+
+def test_taking_the_lock_clears_our_and_safetensors_half_written_files_and_nothing_else(tmp_path):
+    """safetensors >= 0.7 writes through its own ``.tmpXXXXXX`` beside the target: a kill mid-write leaves
+    one inside a checkpoint or shard folder, where the next run must clear it (CI found one left)."""
+    (tmp_path / "checkpoint").mkdir()
+    stale = [tmp_path / "checkpoint" / ".tmp6sV78G", tmp_path / ".results.json.k2j3.tmp"]
+    kept = [tmp_path / "checkpoint" / "state.json", tmp_path / ".tmpnotes.txt", tmp_path / "tmpAbCdEf"]
+    for p in stale + kept:
+        p.write_text("x")
+    with io.run_lock(tmp_path):
+        pass
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
 
 
 def test_a_kill_mid_checkpoint_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):

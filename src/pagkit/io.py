@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,9 +110,14 @@ def check_output_file(path: str | Path) -> Path:
     return path
 
 
+SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9_]{6}")  # safetensors >= 0.7 writes through ``.tmpXXXXXX`` itself
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the half-written ``.*.tmp`` files a killed run left under ``folder`` (call it holding the lock)."""
-    stale = [p for p in Path(folder).rglob(f".*{TMP_SUFFIX}") if p.is_file()]
+    """Delete the half-written files a killed run left under ``folder`` (call it holding the lock): ours,
+    ``.*.tmp``, and the ``.tmpXXXXXX`` that safetensors' own atomic write leaves when killed mid-file."""
+    stale = [p for p in Path(folder).rglob(".*") if p.is_file()
+             and (p.name.endswith(TMP_SUFFIX) or SAFETENSORS_TMP.fullmatch(p.name))]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
