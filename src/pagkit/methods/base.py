@@ -70,9 +70,12 @@ class GuidanceTerm:
         if self.rule is not None and not isinstance(self.rule, Rule):
             raise ValueError(f"{name} rule must be None or a combination rule "
                              f"({', '.join(cls.__name__ for cls in RULES.values())}), got {self.rule!r}")
-        _check_number(f"{name} scale", self.scale)
-        if self.scale_end is not None:
-            _check_number(f"{name} scale_end", self.scale_end)
+        for what, value in (("scale", self.scale), ("scale_end", self.scale_end)):
+            if value is None:
+                continue
+            _check_number(f"{name} {what}", value)
+            if value < 0:  # it would guide towards the broken prediction: a typo far more often than a wish
+                raise ValueError(f"{name} {what} must be >= 0 (it is off at {self.neutral:g}), got {value!r}")
         _check_number(f"{name} start", self.start)
         _check_number(f"{name} stop", self.stop)
         if not 0.0 <= self.start < self.stop <= 1.0:
