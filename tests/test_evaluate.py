@@ -101,6 +101,24 @@ def test_two_process_torchrun_equals_one_process(assets, tmp_path):
     assert _metrics(tmp_path / "two") == _metrics(tmp_path / "one")
 
 
+def test_a_torchrun_world_on_a_locked_out_is_refused_on_every_rank_without_waiting(assets, tmp_path):
+    """Rank 0 is refused the lock another run holds: every rank exits with the message (none is left at a
+    barrier for the default 30-minute gloo timeout), and nothing is written."""
+    from pagkit import io
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out = tmp_path / "held"
+    args = ["eval", "--model", str(assets / "model"), "--methods", "none", "--steps", "2", "--num-samples", "4",
+            "--classifier", str(assets / "classifier"), "--num-real", "100", "--threads", "1", "--quiet"]
+    with io.run_lock(out):
+        result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29619", "-m", "pagkit.cli",
+                                 *args, "--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert result.stderr.count("is in use by another pagkit run") >= 2, result.stderr[-2000:]  # both ranks
+    assert "exitcode  : 2" in result.stderr and "pagkit/" not in result.stderr  # torchrun's own report only
+    assert sorted(p.name for p in out.iterdir()) == [io.LOCK_NAME]
+
+
 def _row(method, scale, fd, seed_set=0, **config):
     row = dict(model="m", method=method, cfg_scale=1.0, scale=scale, layers="down.2" if scale else "",
                perturbation="identity", sigma="inf", start=0.0, stop=1.0, scheduler="ddim", steps=20,

@@ -17,6 +17,7 @@ import torch
 from . import guidance as G
 from .methods import METHODS
 from .data import read_images
+from . import io
 from .io import atomic_path, check_output_file, check_output_folder
 from .layers import aliases, layers
 from .load import SCHEDULERS, TIMESTEP_SPACINGS, load_model, load_scheduler, shipped_models
@@ -346,29 +347,30 @@ def cmd_restore(args) -> None:
             print((out / "metrics.md").read_text())
             print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
         return
-    model = load_model(args.model).to(args.device)
-    scheduler = load_scheduler(args.model, args.scheduler)
-    for terms in methods.values():  # every layer name checked before any work
-        GuidedDenoiser(model, terms, scheduler=scheduler)
-    blank = torch.zeros(sample_shape(model, 1))
-    size = operator(blank).shape[-2:] if args.degraded else blank.shape[-2:]
-    images = read_images(args.input, blank.shape[1], tuple(size)).to(args.device)
-    restored, y, scores = R.restore_inputs(model, scheduler, operator, images, methods=methods,
-                                           degraded=args.degraded, seed=args.seed, batch_size=args.batch_size,
-                                           step_size=args.step_size, num_inference_steps=args.steps, eta=args.eta,
-                                           progress_bar=not args.quiet)
-    labels = {name: R.describe(name, terms, args.step_size) for name, terms in methods.items()}
-    rows = R.grid_rows(operator, y, restored, None if args.degraded else images, labels)
-    labelled_grid(rows, out / "grid.png")
-    if args.degraded:
-        print(f"wrote {out / 'grid.png'} (degraded inputs: no originals, so no PSNR/SSIM)")
-        return
-    results = [{**R.run_config(args.task, name, methods[name], step_size=args.step_size, scheduler=args.scheduler,
-                               steps=args.steps, eta=args.eta, seed=args.seed, model=args.model,
-                               operator=dataclasses.asdict(operator), inputs=list(args.input)), "metrics": metrics}
-               for name, metrics in scores.items()]
-    print(R.write_tables(out, results))
-    print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
+    with io.run_lock(out):  # one run per --out, as for --test-images
+        model = load_model(args.model).to(args.device)
+        scheduler = load_scheduler(args.model, args.scheduler)
+        for terms in methods.values():  # every layer name checked before any work
+            GuidedDenoiser(model, terms, scheduler=scheduler)
+        blank = torch.zeros(sample_shape(model, 1))
+        size = operator(blank).shape[-2:] if args.degraded else blank.shape[-2:]
+        images = read_images(args.input, blank.shape[1], tuple(size)).to(args.device)
+        restored, y, scores = R.restore_inputs(model, scheduler, operator, images, methods=methods,
+                                               degraded=args.degraded, seed=args.seed, batch_size=args.batch_size,
+                                               step_size=args.step_size, num_inference_steps=args.steps, eta=args.eta,
+                                               progress_bar=not args.quiet)
+        labels = {name: R.describe(name, terms, args.step_size) for name, terms in methods.items()}
+        rows = R.grid_rows(operator, y, restored, None if args.degraded else images, labels)
+        labelled_grid(rows, out / "grid.png")
+        if args.degraded:
+            print(f"wrote {out / 'grid.png'} (degraded inputs: no originals, so no PSNR/SSIM)")
+            return
+        results = [{**R.run_config(args.task, name, methods[name], step_size=args.step_size, scheduler=args.scheduler,
+                                   steps=args.steps, eta=args.eta, seed=args.seed, model=args.model,
+                                   operator=dataclasses.asdict(operator), inputs=list(args.input)), "metrics": metrics}
+                   for name, metrics in scores.items()]
+        print(R.write_tables(out, results))
+        print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
 
 
 def _pag_options(p, scale: float = DEFAULT_PAG_SCALE) -> None:

@@ -27,8 +27,10 @@ import math
 import os
 import re
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -266,11 +268,7 @@ class Sweep:
         One sweep at a time per ``out``: rank 0 takes ``io.run_lock(out)`` before the other ranks pass the
         first barrier (a second sweep, or a second torchrun world, on the same folder is refused)."""
         rank, world = _dist_rank_world()
-        if rank != 0:
-            _barrier(world)  # wait for rank 0 to hold the lock
-            return self._run(rank, world)
-        with io.run_lock(self.out):
-            _barrier(world)
+        with world_lock(self.out, rank, world):
             return self._run(rank, world)
 
     def _run(self, rank: int, world: int) -> list[dict]:
@@ -421,6 +419,41 @@ def _dist_rank_world() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextmanager
+def world_lock(folder: str | Path, rank: int, world: int) -> Iterator[None]:
+    """Rank 0 holds ``io.run_lock(folder)`` for the whole torchrun world, and every rank learns whether it got
+    it: a refusal ends every rank with the same ``RunLocked`` instead of leaving ranks 1.. at a barrier."""
+    with ExitStack() as stack:
+        refusal = None
+        if rank == 0:
+            try:
+                stack.enter_context(io.run_lock(folder))
+            except io.RunLocked as err:
+                refusal = err
+        message = _broadcast_text(str(refusal) if refusal else "", rank, world)
+        if refusal is not None:
+            raise refusal
+        if message:
+            raise io.RunLocked(message)
+        yield
+
+
+def _broadcast_text(text: str, rank: int, world: int) -> str:
+    """Rank 0's ``text`` on every rank (as bytes in a tensor: nothing is pickled)."""
+    if world == 1:
+        return text
+    import torch.distributed as dist
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    size = torch.tensor([data.numel()], device=device)
+    dist.broadcast(size, 0)
+    if rank != 0:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    if size.item():
+        dist.broadcast(data, 0)
+    return bytes(data.cpu().tolist()).decode()
 
 
 def _barrier(world: int) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from . import io
-from .evaluate import EvalConfig, Sweep, _barrier, _dist_rank_world, _field_names
+from .evaluate import EvalConfig, Sweep, _barrier, _broadcast_text, _dist_rank_world, _field_names, world_lock
 from .methods import METHODS
 from .presets import PRESET_VERSION
 
@@ -352,16 +352,26 @@ class Tune:
         plan = self.plan(configs)
         if self.score:
             self.check_score()
+        else:
+            self._sweep(self.out, configs[:1])  # checks the feature networks and the reference; writes nothing
         rank, world = _dist_rank_world()
-        if rank == 0:
-            print(plan.describe())
-            print(f"  ≤ {max(map(forward_equivalents, configs))} forward-pass equivalents per guided sample "
-                  f"({self.steps} for no guidance)")
-            old = io.claim(self.out / "tune.json", self.record(configs, plan))
-            if old is not None:
-                raise ValueError(f"{self.out} holds another tune ({old['method']} on {old['model']}, "
-                                 f"{len(old['settings'])} settings, budget {old['plan']['budget']}): choose another --out")
-        _barrier(world)
+        with world_lock(self.out, rank, world):  # one tune per --out
+            refusal = ""
+            if rank == 0:
+                print(plan.describe())
+                print(f"  ≤ {max(map(forward_equivalents, configs))} forward-pass equivalents per guided sample "
+                      f"({self.steps} for no guidance)")
+                old = io.claim(self.out / "tune.json", self.record(configs, plan))
+                if old is not None:
+                    refusal = (f"{self.out} holds another tune ({old['method']} on {old['model']}, "
+                               f"{len(old['settings'])} settings, budget {old['plan']['budget']}): choose another --out")
+            refusal = _broadcast_text(refusal, rank, world)  # every rank stops, none waits at a barrier
+            if refusal:
+                raise ValueError(refusal)
+            return self._search(configs, plan, rank, world)
+
+    def _search(self, configs: list[EvalConfig], plan: Plan, rank: int, world: int) -> dict | None:
+        """Successive halving over the rungs, then the confirmation on fresh seeds."""
         none = replace(configs[0], method="none", scale=0.0, layers=(), start=0.0, stop=1.0, options=())
         alive, evidence, rungs, previous = list(range(len(configs))), [], [], None
         for r, (n, m) in enumerate(plan.rungs):
