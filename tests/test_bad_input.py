@@ -66,6 +66,9 @@ TEST_IMAGES = ["restore", "--task", "box-inpaint", "--test-images", "2", "--mode
 EVAL = ["eval", "--model", "{F}/model", "--layers", "down.1", "--steps", "1", "--num-samples", "2",
         "--classifier", "{F}/classifier", "--classifier-b", "{F}/classifier-b", "--num-real", "50", "--quiet"]
 TRAIN = ["train", "--size", "tiny", "--max-steps", "1", "--batch-size", "4"]
+TUNE = ["tune", "--model", "{F}/model", "--method", "pag", "--budget", "400", "--layers", "down.1;mid", "--scales",
+        "1,2", "--intervals", "0:1", "--shard-size", "2", "--steps", "1", "--classifier", "{F}/classifier",
+        "--classifier-b", "{F}/classifier-b", "--num-real", "50", "--quiet"]
 CASES = [
     # weights: missing, corrupt, truncated, empty, pickled, a file, the wrong class
     ("sample-missing", ["sample", "--model", "{F}/nope"], "model '{F}/nope' not found"),
@@ -111,6 +114,12 @@ CASES = [
     ("eval-scales-inf", [*EVAL, "--scales", "inf", "--out", "{OUT}"], "PAG scale must be a finite number, got inf"),
     ("eval-sigma-negative", [*EVAL, "--methods", "seg", "--seg-sigmas", "-2", "--out", "{OUT}"],
      "SEG sigma must be a positive number or inf"),
+    ("sample-pag-negative", ["sample", *M16, "--pag-scale=-1"], "PAG scale must be >= 0 (it is off at 0), got -1.0"),
+    ("sample-cfg-negative", ["sample", "--cfg-scale=-2"], "CFG scale must be >= 0 (it is off at 1), got -2.0"),
+    ("sample-guidance-negative", ["sample", *M16, "--guidance", "seg:-1,layers=mid"], "SEG scale must be >= 0"),
+    ("sample-guidance-scale-end-negative", ["sample", *M16, "--guidance", "pag:1,layers=mid,scale_end=-1"],
+     "PAG scale_end must be >= 0"),
+    ("eval-scales-negative", [*EVAL, "--scales=-1", "--out", "{OUT}"], "PAG scale must be >= 0"),
     ("eval-steps-0", [*EVAL, "--steps", "0", "--out", "{OUT}"], "argument --steps: expected a positive integer"),
     ("eval-num-samples-0", [*EVAL, "--num-samples", "0", "--out", "{OUT}"], "expected a positive integer, got 0"),
     ("eval-intervals", [*EVAL, "--intervals", "0.5:0.1", "--out", "{OUT}"], "interval must satisfy 0 <= start < stop"),
@@ -206,6 +215,24 @@ CASES = [
     ("restore-out-file", [*RESTORE, "--input", "{F}/ok.png", "--out", "{F}/a-file"], "{F}/a-file is a file"),
     ("restore-test-images-out-file", [*TEST_IMAGES, "--out", "{F}/a-file/x"], "{F}/a-file is a file"),
     ("train-out-file", [*TRAIN, "--out", "{F}/a-file"], "output folder {F}/a-file cannot be made"),
+    # tune: every option checked before the first shard
+    ("tune-method-unknown", [*TUNE, "--method", "pagg", "--out", "{OUT}"],
+     "pagkit tune cannot choose sites for 'pagg'; choose one of pag, seg"),
+    ("tune-method-cfg", [*TUNE, "--method", "cfg", "--out", "{OUT}"], "cannot choose sites for 'cfg'"),
+    ("tune-scales-nan", [*TUNE, "--scales", "nan", "--out", "{OUT}"], "argument --scales: expected a number"),
+    ("tune-scales-inf", [*TUNE, "--scales", "inf", "--out", "{OUT}"], "PAG scale must be a finite number, got inf"),
+    ("tune-scales-negative", [*TUNE, "--scales=-1", "--out", "{OUT}"], "PAG scale must be >= 0"),
+    ("tune-layers-unknown", [*TUNE, "--layers", "nope", "--out", "{OUT}"], "unknown layer 'nope'"),
+    ("tune-intervals", [*TUNE, "--intervals", "0.5:0.1", "--out", "{OUT}"], "interval must satisfy 0 <= start < stop"),
+    ("tune-budget-too-small", [*TUNE, "--budget", "10", "--out", "{OUT}"],
+     "budget 10 samples is too small for 4 settings"),
+    ("tune-eta-1", [*TUNE, "--eta", "1", "--out", "{OUT}"], "η (the halving rate) must be an integer >= 2, got 1"),
+    ("tune-heads-seg", [*TUNE, "--method", "seg", "--heads", "--out", "{OUT}"], "seg has no heads option"),
+    ("tune-score-no-module", [*TUNE, "--score", "nomodule:f", "--out", "{OUT}"], "cannot import nomodule"),
+    ("tune-score-no-function", [*TUNE, "--score", "os:nofunction", "--out", "{OUT}"], "os has no callable"),
+    ("tune-model-pickled", [*TUNE, "--model", "{F}/pickled", "--out", "{OUT}"], "pagkit never unpickles"),
+    ("tune-classifier-missing", [*TUNE, "--classifier", "{F}/nope", "--out", "{OUT}"], "no classifier at {F}/nope"),
+    ("tune-out-file", [*TUNE, "--out", "{F}/a-file"], "{F}/a-file cannot be made: {F}/a-file is a file"),
     # conflicting options
     ("restore-input-and-test-images", [*RESTORE, "--input", "{F}/ok.png", "--test-images", "2"],
      "argument --test-images: not allowed with argument --input"),
@@ -244,7 +271,7 @@ def test_bad_input_in_a_subprocess_prints_no_traceback(files, tmp_path, argv):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"pagkit {argv[0]}: error: "), result.stderr
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert not any(p.is_file() and p.name != io.LOCK_NAME for p in tmp_path.rglob("*"))
 
 
 def _enospc(tmp, path):
@@ -285,6 +312,7 @@ def _api_cases(F):
     from pagkit.layers import resolve_layers
     from pagkit.load import load_model, load_scheduler
     from pagkit.restore import dps, make_operator
+    from pagkit.spec import parse_spec
     from pagkit.train import TrainConfig
     unet, scheduler = models.unet2d(), DDIMScheduler()
     conditional = models.unet2d(num_class_embeds=11)
@@ -307,6 +335,9 @@ def _api_cases(F):
         ("scale-nan", lambda: pagkit.PAG(float("nan")), "PAG scale must be a finite number, got nan"),
         ("scale-inf", lambda: pagkit.CFG(float("inf")), "CFG scale must be a finite number, got inf"),
         ("scale-text", lambda: pagkit.SEG("1"), "SEG scale must be a finite number, got '1'"),
+        ("scale-negative", lambda: pagkit.SLG(-0.5), "SLG scale must be >= 0 (it is off at 0), got -0.5"),
+        ("autoguidance-negative", lambda: pagkit.AutoGuidance(-1.0, weak_model=unet),
+         "AutoGuidance scale must be >= 0 (it is off at 1), got -1.0"),
         ("sigma-negative", lambda: pagkit.SEG(1.0, sigma=-1.0), "SEG sigma must be a positive number or inf"),
         ("interval", lambda: pagkit.PAG(1.0, start=0.5, stop=0.5), "interval must satisfy 0 <= start < stop <= 1"),
         ("steps-0", sample(num_inference_steps=0), "num_inference_steps must be a positive integer, got 0"),
@@ -342,7 +373,7 @@ def _api_cases(F):
         ("image-channels", lambda: read_images([F / "ok.png"], 4, (16, 16)), "1- or 3-channel models, not 4"),
         ("out-folder", lambda: io.check_output_file(F), "is a folder; give a file name"),
         ("out-under-file", lambda: io.make_folder(F / "a-file" / "x"), "cannot be made: "),
-        ("spec", lambda: pagkit.spec.parse_spec("pag:1,layers"), "PAG: 'layers' needs a key (key=value)"),
+        ("spec", lambda: parse_spec("pag:1,layers"), "PAG: 'layers' needs a key (key=value)"),
     ]
 
 

@@ -1,6 +1,6 @@
 """Killed runs lose nothing, and two runs on one --out are refused (issue 20, items 3 and 4).
 
-``pagkit eval``, ``pagkit restore --test-images`` and ``pagkit train`` are started in subprocesses (forked from
+``pagkit eval``, ``pagkit restore --test-images``, ``pagkit tune`` and ``pagkit train`` are started in subprocesses (forked from
 the test, so that each start costs no imports: ``pagkit.cli.main`` runs in the child) and killed with SIGKILL
 at 5 points each (chosen by a seeded RNG: after the k-th finished file appears in the output
 folder, plus a random few milliseconds, so some kills land in the middle of a write), then run to the end.
@@ -30,6 +30,13 @@ def _restore_args(assets):
     return ["restore", "--task", "box-inpaint", "--test-images", "8", "--batch-size", "2", "--model",
             str(assets / "model"), "--steps", "2", "--pag-layers", "down.1", "--classifier", str(assets / "classifier"),
             "--num-real", "100", "--threads", "1", "--quiet"]
+
+
+def _tune_args(assets):  # 6 settings, budget 100 in shards of 4: 25 shards over two rungs and the confirmation
+    return ["tune", "--model", str(assets / "model"), "--method", "pag", "--budget", "100", "--layers",
+            "down.1;down.2;mid", "--scales", "1,2", "--intervals", "0:1", "--shard-size", "4", "--steps", "2",
+            "--classifier", str(assets / "classifier"), "--classifier-b", str(assets / "classifier-b"),
+            "--num-real", "200", "--threads", "1", "--quiet"]
 
 
 TRAIN_ARGS = ["train", "--size", "tiny", "--max-steps", "12", "--batch-size", "4", "--checkpoint-every", "1",
@@ -123,6 +130,17 @@ def test_killed_restore_resumes_to_the_uninterrupted_result(assets, tmp_path):
     assert _temporaries(tmp_path / "killed") == []
 
 
+def test_killed_tune_resumes_to_the_same_preset(assets, tmp_path):
+    from pagkit.cli import main
+    assert main([*_tune_args(assets), "--out", str(tmp_path / "straight")]) == 0
+    at = _run_with_kills(_tune_args(assets), tmp_path / "killed", kills=5, seed=4)
+    assert len(at) == 5, at
+    assert io.read_json(tmp_path / "killed" / "preset.json") == io.read_json(tmp_path / "straight" / "preset.json")
+    for rung in ("rung0", "rung1", "confirm"):
+        _same_files(tmp_path / "straight" / rung / "shards", tmp_path / "killed" / rung / "shards", "*.safetensors")
+    assert _temporaries(tmp_path / "killed") == []
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
     from pagkit.cli import main
     assert main([*TRAIN_ARGS, "--out", str(tmp_path / "straight")]) == 0
@@ -196,9 +214,14 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_dead_owners_lock_is_taken
                                                                                      capsys):
     from pagkit.cli import main
     out = tmp_path / "out"
+    import numpy as np
+    from PIL import Image
+    Image.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save(tmp_path / "in.png")
+    restore_input = ["restore", "--task", "sr2", "--model", str(assets / "model"), "--input", str(tmp_path / "in.png"),
+                     "--steps", "1", "--pag-layers", "down.1", "--threads", "1", "--quiet"]
     owner = _hold_lock(out)
     try:
-        for argv in (_eval_args(assets), _restore_args(assets), TRAIN_ARGS):
+        for argv in (_eval_args(assets), _restore_args(assets), restore_input, _tune_args(assets), TRAIN_ARGS):
             assert main([*argv, "--out", str(out)]) == 2
             err = capsys.readouterr().err.strip()
             assert err == (f"pagkit {argv[0]}: error: {out} is in use by another pagkit run (pid {owner.pid}); "
