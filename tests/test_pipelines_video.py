@@ -169,6 +169,29 @@ def test_video_pipeline_neutral_is_plain_and_pag_equals_the_hand_reference(name,
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
 
 
+def test_cogvideox_dynamic_cfg_divides_by_each_steps_own_scale():
+    """``use_dynamic_cfg=True``: CogVideoX sets w(t) = 1 + g·(1 − cos(π((N − t)/N)⁵))/2 only after the model call,
+    so reading the pipeline's scale at the call would divide Δ by the previous step's w. The reference is that
+    formula, written here from the pipeline's code, at each step's own t."""
+    import math
+    pipe, kwargs, layers, _ = _setup("cogvideox", True, steps=4)
+    kwargs["use_dynamic_cfg"] = True
+
+    def w(timestep):
+        t = float(timestep.flatten()[0])
+        return 1 + 6.0 * ((1 - math.cos(math.pi * ((4 - t) / 4) ** 5.0)) / 2)
+
+    pipe.scheduler.set_timesteps(4)
+    scales = [w(t) for t in pipe.scheduler.timesteps]
+    assert max(scales) - min(scales) > 1.0  # the scale does move between steps here
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers=layers))
+    expected = _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, layers, 2.0, 4, batched_cfg=w))
+    static = _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, layers, 2.0, 4, batched_cfg=6.0))
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+    assert (attached - static).abs().max() > 1e-3
+    assert torch.equal(_run(pipe, kwargs, pagkit.PAG(0.0, layers=layers)), _run(pipe, kwargs))
+
+
 @pytest.mark.parametrize("name", PIPELINES)
 @pytest.mark.parametrize("schedule", [dict(start=0.5), dict(stop=0.5)])
 def test_video_pipeline_intervals_follow_the_scheduler_steps(name, schedule):

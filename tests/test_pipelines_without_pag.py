@@ -58,9 +58,10 @@ class _HandGuided:
         if not self.start <= progress < self.stop:
             return (eps,)
         delta = self.scale * (eps - self.perturbed(kwargs))
-        if self.batched_cfg is not None:
+        if self.batched_cfg is not None:  # a number, or w(t) of the model's timestep (dynamic CFG)
+            w = self.batched_cfg(kwargs["timestep"]) if callable(self.batched_cfg) else self.batched_cfg
             half = eps.shape[0] // 2
-            return (torch.cat([eps[:half], eps[half:] + delta[half:] / self.batched_cfg]),)
+            return (torch.cat([eps[:half], eps[half:] + delta[half:] / w]),)
         return (eps + delta / (self.separate_cfg or 1.0),)
 
 

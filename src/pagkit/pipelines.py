@@ -17,6 +17,7 @@ also after an exception, the denoiser's forward and processors are as before.
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 
 import torch
@@ -34,15 +35,18 @@ _COND_FIRST = ("DiTPipeline", "ZImagePipeline", "ZImageImg2ImgPipeline", "ZImage
 _CFG_PLUS_ONE = _COND_FIRST[1:]
 
 
-def _pipeline_cfg_scale(pipe, call_args: dict) -> float | None:
-    """The scale of the CFG the pipeline applies to a [∅; c] batch right now, or None.
+def _pipeline_cfg_scale(pipe, call_args: dict, timestep=None) -> float | None:
+    """The scale of the CFG the pipeline applies to a [∅; c] batch at ``timestep`` (the scheduler's), or None.
 
     SD-family pipelines expose it (``do_classifier_free_guidance``). Pipelines with a
     ``true_cfg_scale`` (Flux, Qwen-Image) never batch CFG: their ``guidance_scale`` is a
     distilled-guidance input of the model. PixArt and DiT keep it in a local variable,
     so it is read off the arguments of the running ``__call__`` (they guide exactly
-    when guidance_scale > 1).
+    when guidance_scale > 1). CogVideoX's ``use_dynamic_cfg`` sets each step's scale only after
+    the model call, so it is computed here with the pipeline's own formula.
     """
+    if call_args.get("use_dynamic_cfg") and timestep is not None:
+        return _dynamic_cfg_scale(pipe, call_args, timestep)
     try:
         doing_cfg = bool(pipe.do_classifier_free_guidance)
         plus = 1.0 if type(pipe).__name__ in _CFG_PLUS_ONE else 0.0
@@ -52,6 +56,18 @@ def _pipeline_cfg_scale(pipe, call_args: dict) -> float | None:
             return None
         w = call_args.get("guidance_scale")
         return float(w) if w is not None and w > 1.0 else None
+
+
+def _dynamic_cfg_scale(pipe, call_args: dict, timestep) -> float | None:
+    """CogVideoX's (and ConsisID's) dynamic CFG at the scheduler timestep t, as the pipelines write it:
+    w(t) = 1 + g·(1 − cos(π·((N − t)/N)⁵))/2, with g the ``guidance_scale`` argument and N the steps run
+    (``pipe._num_timesteps``). t is the timestep itself (0–999), not the step index: diffusers' quirk, kept,
+    since the pipeline applies exactly this w. No CFG batch unless g > 1 (the pipelines' own test)."""
+    g = float(call_args["guidance_scale"])
+    if g <= 1.0:
+        return None
+    n, t = pipe._num_timesteps, float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+    return 1 + g * ((1 - math.cos(math.pi * ((n - t) / n) ** 5.0)) / 2)
 
 
 def _separate_cfg_scale(call_args: dict) -> float | None:
@@ -136,11 +152,11 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     model = getattr(pipe, name, None)
     if model is None:
         raise ValueError(f"{type(pipe).__name__} has no unet or transformer to guide")
-    experts = [(model, lambda call_args: _pipeline_cfg_scale(pipe, call_args))]
+    experts = [(model, lambda call_args, t: _pipeline_cfg_scale(pipe, call_args, t))]
     second = getattr(pipe, "transformer_2", None) if name == "transformer" else None
     if second is not None:  # Wan 2.2: the low-noise expert, with the pipeline's guidance_scale_2
-        def second_scale(call_args):
-            w = _pipeline_cfg_scale(pipe, call_args)
+        def second_scale(call_args, t):
+            w = _pipeline_cfg_scale(pipe, call_args, t)
             w2 = getattr(pipe, "_guidance_scale_2", None)
             return w if w is None or w2 is None else float(w2)
         experts.append((second, second_scale))
@@ -164,8 +180,8 @@ class _Wrapped:
 
 
 def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_scale) -> _Wrapped:
-    """Replace ``model``'s forward by the guided one (see ``attach``); ``cfg_scale(call_args)``: the CFG scale the
-    pipeline applies to this model's predictions, or None."""
+    """Replace ``model``'s forward by the guided one (see ``attach``); ``cfg_scale(call_args, t)``: the CFG scale the
+    pipeline applies to this model's predictions at scheduler timestep t, or None."""
     had_own_forward = "forward" in vars(model)  # e.g. accelerate's offload hooks
     original_forward = model.forward
     signature = inspect.signature(original_forward)
@@ -181,8 +197,9 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         first = next(iter(signature.parameters))  # "sample" (UNets) or "hidden_states" (transformers)
         x, t = denoiser.backend.input_batch(model, inputs.pop(first)), inputs.pop(denoiser.backend.timestep_name)
         inputs = denoiser.backend.per_sample_inputs(model, x, inputs)
-        progress = _progress(pipe, denoiser.backend.scheduler_timestep(t))
-        w = cfg_scale(call_args)
+        scheduler_t = denoiser.backend.scheduler_timestep(t)
+        progress = _progress(pipe, scheduler_t)
+        w = cfg_scale(call_args, scheduler_t)
         w_separate = _separate_cfg_scale(call_args)
         if w_separate is None and w is not None and context.get("name") in ("cond", "uncond"):
             w, w_separate = None, w  # CFG as two calls the pipeline names (WanPipeline), not a [∅; c] batch
