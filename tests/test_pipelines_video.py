@@ -1,7 +1,8 @@
 """``pagkit.attach`` in video pipelines, with tiny components and prompt embeddings fed directly.
 
 AnimateDiffPipeline against diffusers' AnimateDiffPAGPipeline (given pagkit's sites as anchored names). WanPipeline,
-HunyuanVideoPipeline, CogVideoXPipeline and LTXPipeline, which diffusers has no PAG pipeline for, against the hand
+HunyuanVideoPipeline, HunyuanVideo15Pipeline (CFG through a diffusers guider, two named calls), CogVideoXPipeline
+and LTXPipeline, which diffusers has no PAG pipeline for, against the hand
 reference of test_pipelines_without_pag (a plain forward and a separate fully perturbed forward per step), each with
 its own CFG: Wan runs it as a second call named "uncond", HunyuanVideo as a second call with ``true_cfg_scale``
 (``guidance_scale`` is a model input), CogVideoX and LTX batch [∅; c]. Their own frame counts: 9 video frames → 3
@@ -9,8 +10,10 @@ latent frames (Wan, HunyuanVideo, CogVideoX: ÷ 4), 17 → 3 (LTX: ÷ 8).
 """
 from __future__ import annotations
 
+import inspect
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -134,6 +137,24 @@ def _cogvideox(cfg):
     return pipe, kwargs, "blocks.1", dict(batched_cfg=6.0) if cfg else {}
 
 
+def _hunyuan_video15(cfg):
+    """CFG through diffusers' ClassifierFreeGuidance guider: two calls per step, named pred_cond / pred_uncond."""
+    from diffusers import HunyuanVideo15Pipeline
+    from diffusers.guiders import ClassifierFreeGuidance
+    pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=V.hunyuan_video15(in_channels=9),
+                                  vae=V.hunyuan_video15_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                  text_encoder_2=None, tokenizer_2=None,
+                                  guider=ClassifierFreeGuidance(guidance_scale=6.0 if cfg else 1.0))
+    g = torch.Generator().manual_seed(0)
+    mask, mask_2 = torch.ones(1, 5, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+    mask[:, -1] = 0
+    kwargs = dict(prompt_embeds=_embeds(5, 16, g), prompt_embeds_mask=mask, prompt_embeds_2=_embeds(4, 8, g),
+                  prompt_embeds_mask_2=mask_2, negative_prompt_embeds=_embeds(5, 16, g),
+                  negative_prompt_embeds_mask=mask, negative_prompt_embeds_2=_embeds(4, 8, g),
+                  negative_prompt_embeds_mask_2=mask_2, height=64, width=96, num_frames=9)
+    return pipe, kwargs, "double.1", dict(separate_cfg=6.0, negative=kwargs["negative_prompt_embeds"]) if cfg else {}
+
+
 def _ltx(cfg):
     pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
                        transformer=V.ltx())
@@ -145,7 +166,8 @@ def _ltx(cfg):
     return pipe, kwargs, "blocks.1", dict(batched_cfg=3.0) if cfg else {}
 
 
-PIPELINES = {"wan": _wan, "hunyuan_video": _hunyuan_video, "cogvideox": _cogvideox, "ltx": _ltx}
+PIPELINES = {"wan": _wan, "hunyuan_video": _hunyuan_video, "hunyuan_video15": _hunyuan_video15,
+             "cogvideox": _cogvideox, "ltx": _ltx}
 
 
 def _setup(name, cfg, steps=STEPS):
@@ -167,6 +189,40 @@ def test_video_pipeline_neutral_is_plain_and_pag_equals_the_hand_reference(name,
     torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
     assert (plain - expected).abs().max() > 1e-3
     assert not any("forward" in vars(m) for m in pipe.transformer.modules())
+
+
+def test_hunyuan_video15_guiders_other_than_plain_cfg_are_refused():
+    """A guider that is itself a method (diffusers' PAG, APG) or rescales would change what pagkit's terms are
+    added to: one error naming it, before any step."""
+    from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance
+    pipe, kwargs, layers, _ = _setup("hunyuan_video15", True)
+    for guider, message in ((AdaptiveProjectedGuidance(guidance_scale=6.0), "guider is AdaptiveProjectedGuidance"),
+                            (ClassifierFreeGuidance(guidance_scale=6.0, guidance_rescale=0.7), "guidance_rescale=0.7")):
+        pipe.guider = guider
+        with pytest.raises(ValueError, match=message):
+            with pagkit.attach(pipe, pagkit.PAG(2.0, layers=layers)):
+                pass
+        assert "forward" not in vars(pipe.transformer)
+
+
+@contextmanager
+def _recording_steps(pipe, into: list):
+    """Yields the step callback that appends the latents after each step to ``into``; for a pipeline without
+    ``callback_on_step_end`` (HunyuanVideo 1.5) records the scheduler's steps instead and yields None."""
+    if "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters:
+        yield latents_recorder(into)
+        return
+    step = pipe.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        into.append((out[0] if isinstance(out, tuple) else out.prev_sample).clone())
+        return out
+    pipe.scheduler.step = recording_step
+    try:
+        yield None
+    finally:
+        del pipe.scheduler.step
 
 
 def test_cogvideox_dynamic_cfg_divides_by_each_steps_own_scale():
@@ -201,10 +257,12 @@ def test_video_pipeline_intervals_follow_the_scheduler_steps(name, schedule):
     pipe, kwargs, layers, hand = _setup(name, True, steps=4)
 
     plain, attached, expected = [], [], []
-    _run(pipe, kwargs, callback=latents_recorder(plain))
-    _run(pipe, kwargs, pagkit.PAG(2.0, layers=layers, **schedule), callback=latents_recorder(attached))
-    _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, layers, 2.0, 4, **hand, **schedule),
-         callback=latents_recorder(expected))
+    with _recording_steps(pipe, plain) as callback:
+        _run(pipe, kwargs, callback=callback)
+    with _recording_steps(pipe, attached) as callback:
+        _run(pipe, kwargs, pagkit.PAG(2.0, layers=layers, **schedule), callback=callback)
+    with _recording_steps(pipe, expected) as callback:
+        _run(pipe, kwargs, hand=_HandGuided(pipe.transformer, layers, 2.0, 4, **hand, **schedule), callback=callback)
     assert len(attached) == 4
     for a, e in zip(attached, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-4)

@@ -143,14 +143,23 @@ def animatediff_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5):
             dict(encoder_hidden_states=torch.randn(batch, text, 24, generator=g).repeat_interleave(frames, dim=0)))
 
 
-def hunyuan_video15(seed=0, num_layers=2):
-    """HunyuanVideo 1.5-shaped: double-stream blocks only, one refiner layer, ByT5 and image context."""
+def hunyuan_video15(seed=0, num_layers=2, in_channels=4):
+    """HunyuanVideo 1.5-shaped: double-stream blocks only, one refiner layer, ByT5 and image context.
+    ``in_channels=9`` for its pipeline, which concatenates [latents; condition latents; mask]."""
     from diffusers import HunyuanVideo15Transformer3DModel
     torch.manual_seed(seed)
-    return HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+    return HunyuanVideo15Transformer3DModel(in_channels=in_channels, out_channels=4, num_attention_heads=2,
                                             attention_head_dim=10, num_layers=num_layers, num_refiner_layers=1,
                                             patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
                                             image_embed_dim=12, rope_axes_dim=(2, 4, 4)).eval()
+
+
+def hunyuan_video15_vae():
+    """A tiny AutoencoderKLHunyuanVideo15 (4 latent channels, ÷16 spatial, ÷4 temporal): the pipeline reads its
+    compression ratios and latent channels even for latent output."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+    torch.manual_seed(0)
+    return AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
 
 
 def hunyuan_video15_inputs(batch=2, seed=1, frames=3, h=8, w=12, text=5, text_2=4, image=3):

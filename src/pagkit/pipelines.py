@@ -86,6 +86,31 @@ def _separate_cfg_scale(call_args: dict) -> float | None:
     return float(w) if negative and all(call_args[k] is not None for k in negative) else None
 
 
+def _guider_cfg_scale(pipe) -> float | None:
+    """The CFG scale this step of a pipeline that runs CFG through a diffusers guider (HunyuanVideo 1.5: the
+    conditional and unconditional predictions as two calls, named "pred_cond" / "pred_uncond"), or None when
+    the guider runs only the conditional call (guidance_scale 1, or outside its start/stop)."""
+    guider = getattr(pipe, "guider", None)
+    if guider is None or not guider._enabled or guider.num_conditions < 2:
+        return None
+    return float(guider.guidance_scale) + (1.0 if guider.use_original_formulation else 0.0)  # ε_c + w(ε_c − ε_u)
+
+
+def _check_guider(pipe) -> None:
+    """pagkit adds its terms around the pipeline's CFG; a guider that is itself another method (diffusers'
+    PAG, APG, SLG guiders) or rescales would change what the terms are added to."""
+    from diffusers.guiders import ClassifierFreeGuidance
+    guider = getattr(pipe, "guider", None)
+    if guider is None:
+        return
+    if type(guider) is not ClassifierFreeGuidance:
+        raise ValueError(f"{type(pipe).__name__}'s guider is {type(guider).__name__}: pagkit.attach works with "
+                         "diffusers' ClassifierFreeGuidance guider (pagkit's own terms and rules replace the others)")
+    if guider.guidance_rescale:
+        raise ValueError(f"{type(pipe).__name__}'s guider has guidance_rescale={guider.guidance_rescale}: it would "
+                         "rescale towards the guided conditional prediction; set it to 0 under pagkit.attach")
+
+
 def _progress(pipe, timestep, divisor: float = 1.0) -> float:
     """Step index ÷ number of steps, found by the scheduler's own timesteps (flow-matching ones too).
 
@@ -152,6 +177,7 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     model = getattr(pipe, name, None)
     if model is None:
         raise ValueError(f"{type(pipe).__name__} has no unet or transformer to guide")
+    _check_guider(pipe)
     experts = [(model, lambda call_args, t: _pipeline_cfg_scale(pipe, call_args, t))]
     second = getattr(pipe, "transformer_2", None) if name == "transformer" else None
     if second is not None:  # Wan 2.2: the low-noise expert, with the pipeline's guidance_scale_2
@@ -200,7 +226,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         scheduler_t = denoiser.backend.scheduler_timestep(t)
         progress = _progress(pipe, scheduler_t)
         w = cfg_scale(call_args, scheduler_t)
-        w_separate = _separate_cfg_scale(call_args)
+        w_separate = _separate_cfg_scale(call_args) or _guider_cfg_scale(pipe)
         if w_separate is None and w is not None and context.get("name") in ("cond", "uncond"):
             w, w_separate = None, w  # CFG as two calls the pipeline names (WanPipeline), not a [∅; c] batch
         if w_separate is not None:
@@ -210,6 +236,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
             step["calls"] = step["calls"] + 1 if step.get("t") == t_now else 0
             step["t"] = t_now
             name = context.get("name") or ("uncond" if step["calls"] % 2 else "cond")
+            name = {"pred_cond": "cond", "pred_uncond": "uncond"}.get(name, name)  # a guider's names
             if name == "uncond":
                 result = original_forward(*args, **kwargs)
                 if not denoiser.begin_step(progress):
