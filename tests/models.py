@@ -126,12 +126,20 @@ def flux_inputs(batch=2, seed=1, h=4, w=6, text=5):
                  txt_ids=torch.zeros(text, 3)))
 
 
-def qwenimage(seed=0):
+def qwenimage(seed=0, zero_cond_t=False):
+    """``zero_cond_t``: Qwen-Image-Edit-2511's convention, the reference image's tokens modulated at t = 0."""
     from diffusers import QwenImageTransformer2DModel
     torch.manual_seed(seed)
     return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                       axes_dims_rope=(2, 2, 4)).eval()
+                                       axes_dims_rope=(2, 2, 4), zero_cond_t=zero_cond_t).eval()
+
+
+def qwenimage_edit_inputs(batch=2, seed=1, h=4, w=6, text=5):
+    """As ``qwenimage_inputs``, with a reference image's tokens after the target's (Qwen-Image-Edit's packing)."""
+    x, t, kwargs = qwenimage_inputs(batch, seed, h, w, text)
+    reference = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return torch.cat([x, reference], dim=1), t, {**kwargs, "img_shapes": [[(1, h, w), (1, h, w)]] * batch}
 
 
 def qwenimage_inputs(batch=2, seed=1, h=4, w=6, text=5):

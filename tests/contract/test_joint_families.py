@@ -28,6 +28,7 @@ FAMILIES = {
     "sd3.5": (lambda: models.sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1)), models.sd3_inputs),
     "flux": (models.flux, models.flux_inputs),
     "qwenimage": (models.qwenimage, models.qwenimage_inputs),
+    "qwenimage-edit-zero-cond-t": (lambda: models.qwenimage(zero_cond_t=True), models.qwenimage_edit_inputs),
     "chroma": (models.chroma, models.chroma_inputs),
     "auraflow": (models.auraflow, models.auraflow_inputs),
     "cogview4": (models.cogview4, models.cogview4_inputs),
@@ -43,16 +44,17 @@ DISPATCH_MODULES = (transformer_flux, transformer_flux2, transformer_qwenimage, 
 F_MODULES = (attention_processor, transformer_cogview4, transformer_lumina2, transformer_hidream_image)
 
 # per family: the kinds of its sites, and modules that hold attention but must not be sites
-KINDS = {"qwenimage": {"joint"}, "chroma": {"joint", "single"},
+KINDS = {"qwenimage": {"joint"}, "qwenimage-edit-zero-cond-t": {"joint"}, "chroma": {"joint", "single"},
          "auraflow": {"joint", "single"}, "cogview4": {"joint"},
          "lumina2": {"self", "single"}, "flux2": {"joint", "single"}, "hidream": {"joint", "single"},
          "zimage": {"self", "single"}}
 NOT_SITES = {"lumina2": ["context_refiner.0.attn"], "zimage": ["context_refiner.0.attention", "context_refiner.1.attention"]}
 # per family: whether the image tokens come first in its joint/single-stream sequences (read off the processors)
-IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "chroma": False, "auraflow": False,
+IMAGE_FIRST = {"sd3": True, "sd3.5": True, "flux": False, "qwenimage": False, "qwenimage-edit-zero-cond-t": False,
+               "chroma": False, "auraflow": False,
                "cogview4": False, "lumina2": False, "flux2": False, "hidream": True, "zimage": True}
 # per family: the image grid its backend reads off the inputs of tests/models.py (in the units sites divide by)
-GRIDS = {"qwenimage": (4, 6), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12), "lumina2": (8, 12),
+GRIDS = {"qwenimage": (4, 6), "qwenimage-edit-zero-cond-t": (1, 48), "chroma": (4, 6), "auraflow": (8, 12), "cogview4": (8, 12), "lumina2": (8, 12),
          "flux2": (4, 6), "hidream": (4, 4), "zimage": (4, 6)}
 
 

@@ -8,6 +8,11 @@ perturbation keeps it. Latents are packed 2×2 patches, so the image grid comes 
 ``img_shapes`` ([(frames, h, w), …] per sample, in tokens). With more than one image per sample
 (Qwen-Image-Edit's reference images) the image stream holds all of them: the token count is
 kept, with no grid for SEG. The rotary tables are shared by every sample.
+
+``zero_cond_t`` (Qwen-Image-Edit-2511): the model modulates the reference images' tokens at t = 0, building a
+per-sample token index from ``img_shapes`` and a time embedding of [t rows; 0 rows]. ``img_shapes`` is then
+given one entry per row of the batched call (every sample of a pipeline call has the same shapes), and prefix
+sharing is off: slicing rows of that doubled embedding would mix its halves, so the plain batched pass runs.
 """
 from __future__ import annotations
 
@@ -27,7 +32,15 @@ class QwenImageBackend(Backend):
                      image_first=False) for i, b in enumerate(model.transformer_blocks)]
 
     def stages(self, model):
+        if getattr(model.config, "zero_cond_t", False):
+            return []  # exact without sharing (see the module's docstring)
         return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+
+    def call(self, forward, x, t, kwargs):
+        shapes = kwargs.get("img_shapes")
+        if isinstance(shapes, list) and shapes and len(shapes) != x.shape[0]:  # one entry per row (zero_cond_t)
+            kwargs = {**kwargs, "img_shapes": [shapes[0]] * x.shape[0]}
+        return super().call(forward, x, t, kwargs)
 
     def forward_info(self, model, x, kwargs):
         shapes = kwargs.get("img_shapes")
