@@ -301,13 +301,14 @@ def hidream_inputs(batch=2, seed=1, h=8, w=8, text=3, native=True):
                  pooled_embeds=torch.randn(batch, 8, generator=g)))
 
 
-def zimage(seed=0):
-    """Z-Image-shaped: two image-only refiner blocks, one caption-only refiner block, two single-stream blocks."""
+def zimage(seed=0, caption_positions=256):
+    """Z-Image-shaped: two image-only refiner blocks, one caption-only refiner block, two single-stream blocks.
+    ``caption_positions``: the RoPE table's first axis, which bounds the caption length (the real model's: 1536)."""
     from diffusers import ZImageTransformer2DModel
     torch.manual_seed(seed)
     return ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
                                     n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=8,
-                                    axes_dims=[4, 6, 6], axes_lens=[256, 32, 32]).eval()
+                                    axes_dims=[4, 6, 6], axes_lens=[caption_positions, 32, 32]).eval()
 
 
 def zimage_inputs(batch=2, seed=1, h=8, w=12, text=(5, 37), native=False):

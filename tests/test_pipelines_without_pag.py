@@ -348,8 +348,9 @@ class _HandZImage:
     """ZImagePipeline's transformer forward with PAG(scale, layers) by hand: the pipeline calls it with lists,
     [c; ∅] when it guides, and forms ε_c + w(ε_c − ε_u), so the conditional rows get ε_c + Δ/(1 + w)."""
 
-    def __init__(self, model, layers, scale, steps, guidance_scale, start=0.0):
+    def __init__(self, model, layers, scale, steps, guidance_scale, start=0.0, samples=None):
         self.model, self.scale, self.steps, self.w, self.start = model, scale, steps, guidance_scale, start
+        self.samples = samples  # given: a call of more rows than samples is a CFG batch (cfg_truncation)
         self.names = pagkit.resolve_layers(model, layers)
         self.forward = type(model).forward.__get__(model)
         self.step = 0
@@ -360,23 +361,26 @@ class _HandZImage:
         progress, self.step = self.step / self.steps, self.step + 1
         if progress < self.start:
             return (eps,)
-        b = len(x) // 2 if self.w > 0 else len(x)
+        if self.samples is None:
+            b, w = (len(x) // 2 if self.w > 0 else len(x)), self.w
+        else:
+            b, w = self.samples, (self.w if len(x) > self.samples else 0.0)
         backend = detect(self.model)
         with routed(self.model, self.names, backend) as router:
             router.info = backend.forward_info(self.model, torch.stack(x[:b]), {})
             router.plan = [Segment(0, b, {n: Identity() for n in self.names})]
             perturbed = self.forward(x[:b], t[:b], cap_feats[:b], **kwargs)[0]
-        cond = [e + self.scale * (e - p) / (1.0 + self.w) for e, p in zip(eps[:b], perturbed)]
+        cond = [e + self.scale * (e - p) / (1.0 + w) for e, p in zip(eps[:b], perturbed)]
         return (cond + list(eps[b:]),)
 
 
-def _zimage(guidance_scale):
+def _zimage(guidance_scale, caption_positions=256):
     """ZImagePipeline without text encoder or VAE: 64×96 → 8×12 latents, 4×6 image tokens (padded to 32); the
     prompt has 5 caption tokens, the negative prompt 37 (padded to 32 and 64: the CFG batch's rows are masked)."""
     from diffusers import ZImagePipeline
 
     pipe = ZImagePipeline(scheduler=_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                          transformer=models.zimage())
+                          transformer=models.zimage(caption_positions=caption_positions))
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     kwargs = dict(prompt_embeds=[torch.randn(5, 8, generator=g)], negative_prompt_embeds=[torch.randn(37, 8, generator=g)],
@@ -398,6 +402,42 @@ def test_zimage_pipeline_neutral_scale_is_plain_and_pag_equals_the_hand_referenc
     assert torch.equal(neutral, plain)
     torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
     assert (plain - expected).abs().max() > 1e-3
+
+
+def test_zimage_cfg_truncation_steps_without_cfg_are_not_split_as_a_cfg_batch():
+    """``cfg_truncation=0.5``: steps with (1000 − T)/1000 > 0.5 (here the last) run one plain batch of the 2
+    samples, which must get ε + Δ, not be read as a [c; ∅] pair; the steps before guide with ε_c + Δ/(1 + w)."""
+    pipe, kwargs = _zimage(3.0)
+    kwargs.update(num_inference_steps=4, cfg_truncation=0.5, num_images_per_prompt=2)
+    rows = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda x, *a, **k: rows.append(len(x)) or forward(x, *a, **k)
+    _run(pipe, kwargs)
+    del pipe.transformer.forward
+    assert rows == [4, 4, 4, 2]  # the pipeline's own truncation: CFG on the first three steps only
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers="layers.1.attention"))
+    expected = _run(pipe, kwargs, hand=_HandZImage(pipe.transformer, "layers.1.attention", 2.0, 4, 3.0, samples=2))
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+
+
+def test_zimage_captions_over_512_tokens_keep_their_length():
+    """A 600-token prompt (max_sequence_length=1024) beside a 37-token negative: pagkit pads both to 1024 rows to
+    batch them and hands the model each caption at its own length, as the pipeline does."""
+    pipe, kwargs = _zimage(3.0, caption_positions=1024)
+    kwargs.update(prompt_embeds=[torch.randn(600, 8, generator=torch.Generator().manual_seed(5))],
+                  max_sequence_length=1024)
+    plain = _run(pipe, kwargs)
+    assert torch.equal(_run(pipe, kwargs, pagkit.PAG(0.0, layers="layers.1.attention")), plain)
+    attached = _run(pipe, kwargs, pagkit.PAG(2.0, layers="layers.1.attention"))
+    expected = _run(pipe, kwargs, hand=_HandZImage(pipe.transformer, "layers.1.attention", 2.0, STEPS, 3.0))
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-4)
+
+
+def test_zimage_cfg_normalization_is_refused_under_attach():
+    pipe, kwargs = _zimage(3.0)
+    with pytest.raises(ValueError, match="cfg_normalization"):
+        _run(pipe, {**kwargs, "cfg_normalization": 1.0}, pagkit.PAG(2.0, layers="layers.1.attention"))
+    assert "forward" not in vars(pipe.transformer)
 
 
 def test_zimage_pipeline_intervals_follow_its_steps():

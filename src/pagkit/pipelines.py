@@ -47,6 +47,11 @@ def _pipeline_cfg_scale(pipe, call_args: dict, timestep=None) -> float | None:
     """
     if call_args.get("use_dynamic_cfg") and timestep is not None:
         return _dynamic_cfg_scale(pipe, call_args, timestep)
+    if call_args.get("cfg_normalization"):
+        raise ValueError(f"{type(pipe).__name__}'s cfg_normalization clamps the guided prediction to a multiple of "
+                         "‖ε_c‖, which pagkit's terms change: set cfg_normalization=False under pagkit.attach")
+    if _truncated_cfg(call_args, timestep):
+        return None  # this step runs one plain batch
     try:
         doing_cfg = bool(pipe.do_classifier_free_guidance)
         plus = 1.0 if type(pipe).__name__ in _CFG_PLUS_ONE else 0.0
@@ -56,6 +61,16 @@ def _pipeline_cfg_scale(pipe, call_args: dict, timestep=None) -> float | None:
             return None
         w = call_args.get("guidance_scale")
         return float(w) if w is not None and w > 1.0 else None
+
+
+def _truncated_cfg(call_args: dict, timestep) -> bool:
+    """Z-Image's ``cfg_truncation`` c ≤ 1: steps whose (1000 − T)/1000 exceeds c run without CFG (the pipeline's
+    rule, on the scheduler timestep T)."""
+    c = call_args.get("cfg_truncation")
+    if c is None or float(c) > 1 or timestep is None:
+        return False
+    t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+    return (1000 - t) / 1000 > float(c)
 
 
 def _dynamic_cfg_scale(pipe, call_args: dict, timestep) -> float | None:
