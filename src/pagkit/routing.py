@@ -254,7 +254,6 @@ class Router:
         (the ``call``-th) attention call where they differ (frames folded into the batch, one call per sample).
         """
         batch = query.shape[0]
-        layout = self.backend.layout(site, query.shape[-2], self.info)
         model_rows = self.backend.attention_rows(site, call, batch, self.batch)
         if model_rows is not None:
             model_rows = torch.as_tensor(model_rows)
@@ -277,10 +276,13 @@ class Router:
         if segments and segments[-1][1] > batch:
             raise ValueError(f"site {site.name}: the plan names rows up to {segments[-1][1]}, but its attention "
                              f"batch has {batch} rows")
+        def one_layout():  # SAG's map and NAG's mix need the call's one layout
+            return self.backend.layout(site, query.shape[-2], self.info)
+
         if capture is not None:
             a, b = capture
             self.captured[site.name] = (_attention_received(query[a:b], key[a:b], rows(attn_mask, a, b), scale),
-                                        layout.grid)
+                                        one_layout().grid)
         perturbing = [(a, b, p) for a, b, p, _ in segments if not _cross_rows(p)]
         if not perturbing:
             out = plain(0, batch)
@@ -296,16 +298,28 @@ class Router:
             for a, b, perturbation in perturbing:
                 if a > pos:
                     pieces.append(plain(pos, a))
-                pieces.append(perturbation.attend(query[a:b], k[a:b], v[a:b], layout, rows(attn_mask, a, b), scale)
-                              .to(value.dtype))
+                for c, d, layout in self._layout_runs(site, query.shape[-2], a, b):
+                    pieces.append(perturbation.attend(query[c:d], k[c:d], v[c:d], layout, rows(attn_mask, c, d),
+                                                      scale).to(value.dtype))
                 pos = b
             if pos < batch:
                 pieces.append(plain(pos, batch))
             out = torch.cat(pieces)
         for a, b, patch, onto in segments:
             if _cross_rows(patch):
-                out = self._mix_rows(site, out, patch, (a, b), onto, layout)
+                out = self._mix_rows(site, out, patch, (a, b), onto, one_layout())
         return out
+
+    def _layout_runs(self, site: Site, seq_len: int, a: int, b: int) -> list[tuple[int, int, object]]:
+        """Rows a:b of one branch as runs of rows that share a layout (one run unless the family's layout varies
+        by sample: Lumina2's captions of different lengths)."""
+        runs = []
+        for j, layout in enumerate(self.backend.segment_layouts(site, seq_len, self.info, b - a)):
+            if runs and runs[-1][2] == layout:
+                runs[-1][1] = a + j + 1
+            else:
+                runs.append([a + j, a + j + 1, layout])
+        return [tuple(r) for r in runs]
 
     @staticmethod
     def _mix_rows(site: Site, out: torch.Tensor, patch: CrossRows, own: tuple[int, int],

@@ -266,13 +266,26 @@ def test_lumina2_image_tokens_follow_each_caption_not_the_end_of_the_sequence():
         torch.testing.assert_close(batched, separate, rtol=0, atol=1e-5)
 
 
-def test_lumina2_captions_of_different_lengths_have_no_single_stream_layout():
+def test_lumina2_prompts_of_different_lengths_perturb_each_row_at_its_own_image_tokens():
+    """Captions of 4 and 3 valid tokens in one batch: each perturbed row's image sits after its own caption, so the
+    batched guided step (with CFG, PAG and SEG; prefix sharing on and off) equals each sample run alone, where the
+    layout is unambiguous. SAG's attention map has no single layout there and says so."""
     model = models.lumina2()
     x, t, cond = models.lumina2_inputs()
     cond["encoder_attention_mask"][0, 3] = True  # the first caption is one token longer
+    _, _, uncond = models.lumina2_inputs(seed=2, valid=5)
+    terms = [pagkit.CFG(3.0), pagkit.PAG(2.0, layers="layers.1.attn"), pagkit.SEG(1.5, layers="layers.0.attn")]
+    alone = torch.cat([GuidedDenoiser(model, terms).predict(x[i:i + 1], t[i:i + 1],
+                                                            {k: v[i:i + 1] for k, v in cond.items()},
+                                                            {k: v[i:i + 1] for k, v in uncond.items()})
+                       for i in range(2)])
+    for sharing in (True, False):
+        batched = GuidedDenoiser(model, terms, prefix_sharing=sharing).predict(x, t, cond, uncond)
+        torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+    same_length = GuidedDenoiser(model, terms).predict(x, t, models.lumina2_inputs()[2], uncond)
+    assert (same_length[0] - batched[0]).abs().max() > 1e-4  # the longer caption does move the first sample
     with pytest.raises(ValueError, match="differ in length"):
-        GuidedDenoiser(model, [pagkit.PAG(2.0, layers="layers.1.attn")]).predict(x, t, cond)
-    GuidedDenoiser(model, [pagkit.PAG(2.0, layers="noise_refiner.0.attn")]).predict(x, t, cond)  # image-only: fine
+        GuidedDenoiser(model, [pagkit.SAG(1.0, layer="layers.1.attn")], scheduler=models.ddim()).predict(x, t, cond)
 
 
 def test_hidream_native_llama_states_and_a_non_square_padded_image_stream():

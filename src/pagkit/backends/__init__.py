@@ -69,6 +69,7 @@ class ForwardInfo:
     hw: tuple[int, int] | None = None
     text_tokens: int | None = None
     frames: int | None = None
+    text_tokens_per_sample: tuple[int, ...] | None = None  # where they differ (Lumina2's captions of a batch)
 
 
 class Backend:
@@ -122,6 +123,11 @@ class Backend:
         if site.kind in SELF_KINDS or site.kind == CROSS_KIND:  # a cross site's queries are all image tokens
             return TokenLayout.self_attention(seq_len, grid)
         return self.image_span(site, seq_len, grid, site.image_first)
+
+    def segment_layouts(self, site: Site, seq_len: int, info: ForwardInfo | None, rows: int) -> list[TokenLayout]:
+        """The layout of each of ``rows`` rows of one branch (row j is sample j), for a family whose layout varies
+        by sample; by default every row has ``layout``."""
+        return [self.layout(site, seq_len, info)] * rows
 
     @staticmethod
     def image_span(site: Site, seq_len: int, grid: tuple[int, ...] | None, image_first: bool) -> TokenLayout:
