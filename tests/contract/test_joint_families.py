@@ -363,3 +363,14 @@ def test_zimage_timestep_and_stacking_errors():
         backend.input_batch(model, [torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 12)])
     with pytest.raises(ValueError, match="omni"):
         backend.input_batch(model, [[torch.zeros(4, 1, 8, 8)]])
+
+
+def test_flux2_kv_cache_modes_are_refused_with_the_pipeline_to_use():
+    """Flux.2-klein's KV cache: image queries attend to keys of another sequence; refused before the forward."""
+    model = models.flux2()
+    x, t, cond = models.flux2_inputs()
+    for mode in ("extract", "cached"):
+        with pytest.raises(ValueError, match=f"kv_cache_mode='{mode}'.*Flux2KleinPipeline"):
+            GuidedDenoiser(model, [pagkit.PAG(2.0, layers="transformer_blocks.0.attn")]).predict(
+                x, t, {**cond, "kv_cache_mode": mode})
+        assert not any("forward" in vars(m) for m in model.modules())

@@ -7,7 +7,9 @@ then RoPE over the joint sequence (text and image tables concatenated), all insi
 processors. The image grid comes from ``img_ids`` (columns h, w of its (t, h, w, l) ids); with
 reference images in the image stream the ids are not one full grid, so the count is kept with no
 grid for SEG. Ids and rotary tables are shared by every sample. The KV-cache modes of
-Flux.2-klein editing are not covered.
+Flux.2-klein editing (``kv_cache_mode``, Flux2KleinKVPipeline with reference images) are refused with a
+message: there the image queries attend to keys of another sequence ([text; cached reference; image]), which
+no perturbation here is written for, and step 0 returns the cache beside the prediction.
 """
 from __future__ import annotations
 
@@ -27,6 +29,13 @@ class Flux2Backend(FluxBackend):
         return ([site(f"transformer_blocks.{i}.attn", b.attn, "joint") for i, b in enumerate(model.transformer_blocks)]
                 + [site(f"single_transformer_blocks.{i}.attn", b.attn, "single")
                    for i, b in enumerate(model.single_transformer_blocks)])
+
+    def call(self, forward, x, t, kwargs):
+        if kwargs.get("kv_cache_mode") is not None:
+            raise ValueError(f"pagkit does not guide Flux.2-klein's KV-cache mode (kv_cache_mode="
+                             f"{kwargs['kv_cache_mode']!r}: Flux2KleinKVPipeline with reference images); use "
+                             "Flux2KleinPipeline, which keeps the reference tokens in the sequence, under pagkit.attach")
+        return super().call(forward, x, t, kwargs)
 
     def sample_shape(self, model, batch_size, height, width):
         raise ValueError("Flux.2 takes packed latents with txt_ids/img_ids: sample through diffusers' Flux2Pipeline "
