@@ -202,3 +202,40 @@ def ltx2_inputs(batch=2, seed=1, frames=3, h=4, w=6, text=5, audio=5):
                  audio_encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
                  encoder_attention_mask=mask, audio_encoder_attention_mask=mask,
                  num_frames=frames, height=h, width=w, audio_num_frames=audio, fps=24.0))
+
+
+def ltx2_pipeline():
+    """A tiny LTX2Pipeline with no text encoder (prompt embeddings are given): 32×64 px, 5 frames → 3×16×32 video
+    latent tokens of 4 channels; the audio VAE's 2 latent channels × 4 mel bins → 8 audio features per token."""
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+                           LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    torch.manual_seed(0)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, caption_channels=16,
+        rope_type="split", rope_double_precision=False, perturbed_attn=True).eval()
+    connectors = LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1, video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, rope_double_precision=False).eval()
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False)
+    audio_vae = AutoencoderKLLTX2Audio(base_channels=8, ch_mult=(1, 2), num_res_blocks=1, latent_channels=2,
+                                       mel_bins=16)
+    pipe = LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=None,
+                        tokenizer=None, connectors=connectors, transformer=transformer, vocoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    kwargs = dict(prompt_embeds=torch.randn(1, 5, 32, generator=g), prompt_attention_mask=mask,
+                  negative_prompt_embeds=torch.randn(1, 5, 32, generator=g), negative_prompt_attention_mask=mask,
+                  height=32, width=64, num_frames=5, frame_rate=8.0, num_inference_steps=3, output_type="latent",
+                  guidance_rescale=0.0, audio_guidance_rescale=0.0, use_cross_timestep=False)
+    return pipe, kwargs

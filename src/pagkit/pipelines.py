@@ -166,6 +166,66 @@ def _recording_call_arguments(pipe, call_args: dict, on_call=None):
         pipe.__class__ = cls
 
 
+# LTX-2 pipelines whose step is x̂₀_c + [CFG](w − 1)(x̂₀_c − x̂₀_u) + [STG] s(x̂₀_c − x̂₀_stg) + [mod](m − 1)(x̂₀_c − x̂₀_mod),
+# per stream (video, audio), in x̂₀ = x − σv (affine in v, so a term's Δ in v passes through unchanged)
+_LTX2_PIPELINES = ("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline")
+
+
+class _AudioVideoStreams:
+    """LTX-2's transformer predicts (video, audio). The denoiser sees both packed into one (B, N·C + T·C_a) tensor,
+    so every term guides both streams with one batched forward; the conditional rows are divided per stream by the
+    factor on x̂₀_c in the pipeline's own combination (CFG, STG and modality isolation each use x̂₀_c), so that its
+    step adds exactly Δ. Its STG and modality-isolation calls ("uncond_stg", "uncond_modality") run plain."""
+
+    plain_contexts = ("uncond_stg", "uncond_modality")
+
+    def __init__(self, pipe, model, terms):
+        if type(pipe).__name__ not in _LTX2_PIPELINES:
+            raise ValueError(f"pagkit.attach on LTX-2 supports {', '.join(_LTX2_PIPELINES)}; "
+                             f"{type(pipe).__name__} combines its predictions another way")
+        needs_one_stream = [type(t).__name__ for t in terms if t.needs_scheduler]
+        if needs_one_stream:
+            raise ValueError(f"{', '.join(needs_one_stream)} needs the scheduler's x̂₀ of one stream; under "
+                             "pagkit.attach LTX-2's video and audio are guided together (use PAG, SEG, STG, SLG, "
+                             "TPG or NAG there)")
+        self.pipe, self.config = pipe, model.config
+        self.shapes: dict = {}
+
+    def packed(self, forward):
+        def packed_forward(*args, **kwargs):
+            video, audio = forward(*args, **kwargs)[:2]
+            self.shapes["video"], self.shapes["audio"] = video.shape[1:], audio.shape[1:]
+            return (torch.cat([video.flatten(1), audio.flatten(1)], dim=1),)
+        return packed_forward
+
+    def divisors(self, x, inputs) -> tuple[torch.Tensor, bool]:
+        """The (1, N·C + T·C_a) per-stream factors on x̂₀_c, and whether this call is a [∅; c] CFG batch."""
+        p = self.pipe
+        if p.guidance_rescale > 0 or p.audio_guidance_rescale > 0:
+            raise ValueError("LTX2Pipeline's guidance_rescale (0.7 by default) rescales towards the std of x̂₀_c, "
+                             "which pagkit's terms change: pass guidance_rescale=0 and audio_guidance_rescale=0 "
+                             "under pagkit.attach")
+        cfg, stg, mod = (p.do_classifier_free_guidance, p.do_spatio_temporal_guidance,
+                         p.do_modality_isolation_guidance)
+
+        def factor(w, s, m):
+            return 1.0 + (w - 1.0 if cfg else 0.0) + (s if stg else 0.0) + (m - 1.0 if mod else 0.0)
+        video = factor(p.guidance_scale, p.stg_scale, p.modality_scale)
+        audio = factor(p.audio_guidance_scale, p.audio_stg_scale, p.audio_modality_scale)
+        n_video = x.shape[1] * self.config.out_channels
+        n_audio = inputs["audio_hidden_states"].shape[1] * self.config.audio_out_channels
+        return torch.cat([x.new_full((1, n_video), video), x.new_full((1, n_audio), audio)], dim=1), cfg
+
+    def output(self, out, return_dict: bool):
+        n_video = math.prod(self.shapes["video"])
+        video = out[:, :n_video].reshape(-1, *self.shapes["video"])
+        audio = out[:, n_video:].reshape(-1, *self.shapes["audio"])
+        if not return_dict:
+            return video, audio
+        from diffusers.models.transformers.transformer_ltx2 import AudioVisualModelOutput
+        return AudioVisualModelOutput(sample=video, audio_sample=audio)
+
+
 @contextmanager
 def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     """Apply PAG/SEG/SAG terms inside ``pipe`` (a diffusers pipeline with a ``unet`` or ``transformer``).
@@ -227,8 +287,10 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
     original_forward = model.forward
     signature = inspect.signature(original_forward)
     needs_scheduler = any(t.needs_scheduler for t in terms)
+    streams = _AudioVideoStreams(pipe, model, terms) if type(model).__name__ == "LTX2VideoTransformer3DModel" else None
     denoiser = GuidedDenoiser(model, terms, scheduler=pipe.scheduler if needs_scheduler else None,
-                              guidance_rescale=guidance_rescale, forward=original_forward)
+                              guidance_rescale=guidance_rescale,
+                              forward=original_forward if streams is None else streams.packed(original_forward))
 
     def guided_forward(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -240,8 +302,14 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         inputs = denoiser.backend.per_sample_inputs(model, x, inputs)
         scheduler_t = denoiser.backend.scheduler_timestep(t)
         progress = _progress(pipe, scheduler_t)
-        w = cfg_scale(call_args, scheduler_t)
-        w_separate = _separate_cfg_scale(call_args) or _guider_cfg_scale(pipe)
+        if streams is not None:  # LTX-2: both streams, each divided by its own factor
+            if context.get("name") in streams.plain_contexts:
+                return original_forward(*args, **kwargs)
+            divisors, batched = streams.divisors(x, inputs)
+            w, w_separate = (divisors, None) if batched else (None, divisors)
+        else:
+            w = cfg_scale(call_args, scheduler_t)
+            w_separate = _separate_cfg_scale(call_args) or _guider_cfg_scale(pipe)
         if w_separate is None and w is not None and context.get("name") in ("cond", "uncond"):
             w, w_separate = None, w  # CFG as two calls the pipeline names (WanPipeline), not a [∅; c] batch
         if w_separate is not None:
@@ -272,6 +340,8 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
                 out = denoiser.predict(x[half:], t_b, inputs_b, inputs_a, progress, external_cfg=w)
         else:
             out = denoiser.predict(x, t, inputs, None, progress)
+        if streams is not None:
+            return streams.output(out, return_dict)
         out = denoiser.backend.caller_output(model, out)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 

@@ -16,7 +16,9 @@ Each ``transformer_blocks.N`` (``LTX2VideoTransformerBlock``) holds six attentio
 * ``audio_attn2`` (audio → text), ``audio_to_video_attn`` (video queries, audio keys) and
   ``video_to_audio_attn`` (audio queries, video keys): cross-modal or text cross-attention, never sites.
 
-The model returns (video, audio); ``call`` gives the video prediction (pagkit guides the video stream). All
+The model returns (video, audio); ``call`` gives the video prediction (``GuidedDenoiser`` on the bare model guides
+the video stream). ``pagkit.attach`` on LTX2Pipeline guides both streams: it packs them into one tensor per row
+for the denoiser and divides each by its own factor in the pipeline's combination (pipelines.py). All
 rotary tables are built per sample from ``video_coords``/``audio_coords``, so prefix sharing slices them with
 the rows; nothing is shared. A skipped block (STG-R, SLG) returns its video and audio inputs.
 """
