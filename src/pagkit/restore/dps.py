@@ -7,16 +7,16 @@
         x'_{t−1} = scheduler.step(ε̃, t, x_t)                  (the unconditional update)
         x_{t−1}  = x'_{t−1} − ζ·∇_{x_t} ‖y − A(x̂₀)‖            (data consistency)
 
+The loop is ``pagkit.sample``'s; DPS is its corrector (``DataConsistency``), the last line.
 As in DPS's code, the residual is the norm, not its square; here it is taken per image
 and summed over the batch, so each image's gradient ignores the rest of its batch.
 """
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
-from ..denoise import GuidedDenoiser, NoiseSchedule
-from ..sample import initial_noise, start
+from ..denoise import NoiseSchedule
+from ..sample import Corrector, initial_noise, sample
 from .operators import Operator, _real, _require
 
 # ζ for 32×32 images at 50 DDIM steps, η = 1: on 16 Fashion-MNIST test images (a partly trained model),
@@ -45,28 +45,28 @@ def dps(model, scheduler, operator: Operator, y: torch.Tensor, *, guidance=(), s
     _require(_real(eta) and eta >= 0, "eta", eta, "a finite number >= 0")
     if not hasattr(scheduler, "alphas_cumprod"):
         raise ValueError(f"DPS needs x̂₀ from a scheduler with alphas_cumprod; got {type(scheduler).__name__}")
-    denoiser = GuidedDenoiser(model, guidance, scheduler=scheduler, prefix_sharing=prefix_sharing)
-    schedule = NoiseSchedule(scheduler)
     if latents is None:
         latents = initial_noise(model, len(y), generator)
     expected = tuple(operator(torch.zeros_like(latents[:1])).shape[1:])
     if tuple(y.shape) != (len(latents), *expected):
         raise ValueError(f"y has shape {tuple(y.shape)}; {type(operator).__name__} of this batch gives "
                          f"{(len(latents), *expected)}")
-    x, step_kwargs = start(scheduler, latents, num_inference_steps, eta=eta, generator=generator)
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(tqdm(timesteps, desc="DPS", disable=not progress_bar, leave=False)):
-        x = x.detach().requires_grad_(step_size != 0)
-        with torch.set_grad_enabled(step_size != 0):  # ζ = 0: no graph, no backward
-            x_in = scheduler.scale_model_input(x, t)
-            eps = denoiser.predict(x_in, t, cond, uncond, progress=i / len(timesteps))
-        x_next = scheduler.step(eps.detach(), t, x.detach(), **step_kwargs, return_dict=False)[0]
-        if step_size != 0:
-            x0, _ = schedule.x0_and_eps(x_in, eps[:, :x.shape[1]], t)
-            residual = (y - operator(x0)).flatten(1).norm(dim=1).sum()  # Σ_b ‖y_b − A(x̂₀_b)‖
-            grad, = torch.autograd.grad(residual, x)
-            x_next = x_next - step_size * grad
-        x = x_next
-        if callback is not None:
-            callback(i, t, x)
-    return x.detach()
+    corrector = DataConsistency(operator, y, step_size, scheduler) if step_size != 0 else None  # ζ = 0: no graph
+    return sample(model, scheduler, batch_size=len(latents), num_inference_steps=num_inference_steps,
+                  guidance=guidance, generator=generator, latents=latents, cond=cond, uncond=uncond, eta=eta,
+                  prefix_sharing=prefix_sharing, progress_bar=progress_bar, callback=callback, corrector=corrector)
+
+
+class DataConsistency(Corrector):
+    """DPS's correction of the scheduler's update: x_{t−1} = x'_{t−1} − ζ·∇_{x_t} Σ_b ‖y_b − A(x̂₀_b)‖, with x̂₀
+    predicted from the guided ε̃ (the gradient goes through every branch of it)."""
+
+    def __init__(self, operator: Operator, y: torch.Tensor, step_size: float, scheduler):
+        self.operator, self.y, self.step_size = operator, y, step_size
+        self.schedule = NoiseSchedule(scheduler)
+
+    def __call__(self, x_next, *, x, x_in, prediction, t):
+        x0, _ = self.schedule.x0_and_eps(x_in, prediction[:, :x.shape[1]], t)
+        residual = (self.y - self.operator(x0)).flatten(1).norm(dim=1).sum()  # Σ_b ‖y_b − A(x̂₀_b)‖
+        grad, = torch.autograd.grad(residual, x)
+        return x_next - self.step_size * grad
