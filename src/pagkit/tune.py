@@ -25,7 +25,8 @@ the two networks' FD for the classifier metric; the score of each half of the sh
 **Resumable and distributed.** Each rung is a ``pagkit.evaluate.Sweep``, a task of ``pagkit.runner``, in
 ``OUT/rung<r>/`` (the confirmation in ``OUT/confirm/``), so a killed tune resumes with nothing recomputed and its
 shards are dealt to ``torchrun`` ranks; every decision is a deterministic function of finished results (ties:
-the earlier setting of the search space). ``OUT/tune.json`` holds the tune's description: another tune in the same folder is an error.
+the earlier setting of the search space). ``OUT/tune.json`` holds the tune's description: another tune in the
+same folder is an error.
 
 **Outputs**: ``OUT/preset.json`` (``pagkit.presets``), ``OUT/tune.md``, ``OUT/finalists.png``.
 """
