@@ -22,7 +22,7 @@ from .backends import detect
 from .batch import cat_rows
 from .methods import Branch, Context, GuidanceTerm, Step, check_guidance, rescale_guidance
 from .methods.base import bind
-from .methods.sag import NoiseSchedule  # noqa: F401  (re-exported: restore.py and users import it from here)
+from .methods.sag import NoiseSchedule  # noqa: F401  (re-exported: restore/dps.py and users import it from here)
 from .prefix import prefix_stages, shared_prefix
 from .presets import check_family
 from .routing import Segment, routed

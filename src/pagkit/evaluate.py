@@ -12,9 +12,9 @@ or ``classifier``/``inception``), and ``fd_b``, ``kid_b`` (``kid_std_b``) on the
 ``fmnist-classifier-b``: another architecture, another seed), which ``feature_space.json`` records as
 ``features_b``. With Inception features there is no second network, and no ``*_b`` keys.
 
-A killed sweep, run again, skips every finished shard and configuration. The
-noise of shard k of seed set s is the same for every configuration (generator
-seed = 1_000_003·s + k), so configurations are compared on the same draws.
+A sweep is a task of ``pagkit.runner`` (its units: the configurations): a killed sweep, run again, skips
+every finished shard and configuration. The noise of shard k of seed set s is the same for every
+configuration (generator seed = 1_000_003·s + k), so configurations are compared on the same draws.
 Under ``torchrun`` shards are dealt to ranks (gloo on CPU, nccl on GPUs); rank 0
 computes the metrics once all shards exist, so the numbers do not depend on
 how many processes made them.
@@ -24,21 +24,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import os
-import re
-import time
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from . import guidance as G  # noqa: F401  (kept for callers that reach pagkit.evaluate.G)
-from . import io
+from . import io, runner
 from .denoise import NonFiniteGuidance
 from .methods import METHODS
+from .runner import world_lock  # noqa: F401  (moved to pagkit.runner; kept for callers that import it from here)
 
 NULL_CLASS = 10
 
@@ -89,7 +84,7 @@ class EvalConfig:
             parts += [f"{k}{v}" for k, v in self.options]
         sampler = f"{self.scheduler}{self.steps}" + (f"-{self.timestep_spacing}" if self.timestep_spacing else "")
         parts += [sampler, f"n{self.num_samples}", f"seed{self.seed_set}"]
-        return re.sub(r"[^A-Za-z0-9.+_-]", "_", "_".join(parts))
+        return runner.safe_name("_".join(parts))
 
     def terms(self) -> list:
         """The guidance terms of this row, read off the methods themselves (``pagkit.methods.METHODS``).
@@ -187,7 +182,9 @@ def expand(model: str, methods: list[str], *, scales=(3.0,), cfg_scales=(3.0,), 
 
 
 @dataclass
-class Sweep:
+class Sweep(runner.Task):
+    """A sweep on ``pagkit.runner``: one unit per configuration, scored on the feature networks."""
+
     out: Path
     configs: list[EvalConfig]
     shard_size: int = 250
@@ -201,6 +198,8 @@ class Sweep:
     max_new_shards: int | None = None  # stop after this many new shards (for tests: a "kill")
     progress: bool = True
     _models: dict = field(default_factory=dict, repr=False)
+
+    failures = (NonFiniteGuidance,)  # a configuration whose guidance goes NaN/inf is recorded as failed
 
     def __post_init__(self):
         if self.inception:  # a missing file fails now, not after the sampling
@@ -229,8 +228,12 @@ class Sweep:
         return {**space, "reference": str(self.reference) if self.reference else "fashion-mnist test",
                 "num_real": self.num_real}
 
-    def shard_path(self, config: EvalConfig, k: int) -> Path:
-        return self.out / "shards" / config.key / f"{k:05d}.safetensors"
+    # --- the runner's task: units = configurations, OUT/shards/<key>/, OUT/results/<key>.json ---------------
+    def units(self) -> list[EvalConfig]:
+        return self.configs
+
+    def key(self, config: EvalConfig) -> str:
+        return config.key
 
     def num_shards(self, config: EvalConfig) -> int:
         return math.ceil(config.num_samples / self.shard_size)
@@ -247,58 +250,29 @@ class Sweep:
         model = self._model(config.model)
         scheduler = load_scheduler(config.model, config.scheduler, timestep_spacing=config.timestep_spacing)
         n = min(self.shard_size, config.num_samples - k * self.shard_size)
-        g = torch.Generator().manual_seed(1_000_003 * config.seed_set + k)
+        g = runner.generator(config.seed_set, k)
         size = model.config.sample_size
         noise = torch.randn(self.shard_size, model.config.in_channels, size, size, generator=g)[:n]
         conditional = bool(model.config.get("num_class_embeds"))
         labels = (torch.arange(n) + k * self.shard_size) % 10 if conditional else None
-        start = time.perf_counter()
-        images = sample(model, scheduler, batch_size=n, num_inference_steps=config.steps, guidance=config.terms(),
-                        latents=noise, generator=g, class_labels=labels,
-                        null_class_label=NULL_CLASS if conditional else None, progress_bar=False)
-        seconds = time.perf_counter() - start
+        with runner.Stopwatch() as clock:
+            images = sample(model, scheduler, batch_size=n, num_inference_steps=config.steps,
+                            guidance=config.terms(), latents=noise, generator=g, class_labels=labels,
+                            null_class_label=NULL_CLASS if conditional else None, progress_bar=False)
         tensors = {"images": images.clamp(-1, 1).contiguous()}
         if labels is not None:
             tensors["labels"] = labels
-        io.save_tensors(self.shard_path(config, k), tensors, metadata={"seconds": f"{seconds:.4f}"})
+        self.save_shard(config, k, tensors, clock.seconds)
 
-    def run(self) -> list[dict]:
-        """Generate every missing shard (this rank's share), then (rank 0) every missing result.
-
-        One sweep at a time per ``out``: rank 0 takes ``io.run_lock(out)`` before the other ranks pass the
-        first barrier (a second sweep, or a second torchrun world, on the same folder is refused)."""
-        rank, world = _dist_rank_world()
-        with world_lock(self.out, rank, world):
-            return self._run(rank, world)
-
-    def _run(self, rank: int, world: int) -> list[dict]:
+    def prepare(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
         _claim_feature_space(self.out / "feature_space.json", self.feature_space())
-        todo = [(c, k) for c in self.configs if not self.result_path(c).is_file()
-                for k in range(self.num_shards(c)) if not self.shard_path(c, k).is_file()]
-        mine = todo[rank::world]
-        made, failed = 0, set()
-        for config, k in tqdm(mine, desc=f"shards (rank {rank})", disable=not self.progress):
-            if self.max_new_shards is not None and made >= self.max_new_shards:
-                print(f"stopping after {made} new shards (max_new_shards)")
-                return []
-            if config.key in failed or self.result_path(config).is_file():
-                continue
-            try:
-                self.make_shard(config, k)
-            except NonFiniteGuidance as err:  # recorded as failed with the reason, never scored
-                print(f"{config.key}: failed: {err}")
-                io.write_json(self.result_path(config), {"key": config.key, "config": _config_dict(config),
-                                                         "failed": str(err)})
-                failed.add(config.key)
-            made += 1
-        _barrier(world)
-        if rank != 0:
-            return []
-        for config in self.configs:
-            if not self.result_path(config).is_file():
-                self.write_result(config)
+
+    def failed_result(self, config: EvalConfig, err: BaseException) -> dict:
+        return {"key": config.key, "config": _config_dict(config), "failed": str(err)}
+
+    def finish(self) -> list[dict]:
         rows = self.collect()
         self.tables(rows)
         return rows
@@ -307,15 +281,10 @@ class Sweep:
         """Rebuild the folder's tables and plots from the finished rows (a sweep scored otherwise overrides it)."""
         write_tables(self.out, rows)
 
-    def result_path(self, config: EvalConfig) -> Path:
-        return self.out / "results" / f"{config.key}.json"
-
     def write_result(self, config: EvalConfig) -> None:
-        shards = [io.load_tensors(self.shard_path(config, k)) for k in range(self.num_shards(config))]
-        images = torch.cat([s["images"] for s in shards])
-        seconds = sum(io.shard_seconds(self.shard_path(config, k)) for k in range(self.num_shards(config)))
+        images = self.unit_images(config)
         metrics = self.metrics(images)
-        metrics["seconds_per_image"] = seconds / len(images)
+        metrics["seconds_per_image"] = self.unit_seconds(config) / len(images)
         from .report import labelled_grid  # the grid first: a finished result always has its grid
         labelled_grid([(config.key[:32], images[:16])], self.out / "grids" / f"{config.key}.png", zoom=2)
         io.write_json(self.result_path(config), {"key": config.key, "config": _config_dict(config),
@@ -381,9 +350,7 @@ class Sweep:
         return out
 
     def collect(self) -> list[dict]:
-        keys = [c.key for c in self.configs]
-        return [io.read_json(self.out / "results" / f"{k}.json") for k in keys
-                if (self.out / "results" / f"{k}.json").is_file()]
+        return [io.read_json(self.result_path(c)) for c in self.configs if self.result_path(c).is_file()]
 
 
 def _config_dict(config: EvalConfig) -> dict:
@@ -405,61 +372,8 @@ def _features_and_logits(net, images: torch.Tensor):
 
 
 def _claim_feature_space(path: Path, space: dict) -> None:
-    old = io.claim(path, space)
-    if old is not None:
-        raise ValueError(f"{path.parent} holds results measured on {old}; this sweep measures on {space}: "
-                         "choose another --out")
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-@contextmanager
-def world_lock(folder: str | Path, rank: int, world: int) -> Iterator[None]:
-    """Rank 0 holds ``io.run_lock(folder)`` for the whole torchrun world, and every rank learns whether it got
-    it: a refusal ends every rank with the same ``RunLocked`` instead of leaving ranks 1.. at a barrier."""
-    with ExitStack() as stack:
-        refusal = None
-        if rank == 0:
-            try:
-                stack.enter_context(io.run_lock(folder))
-            except io.RunLocked as err:
-                refusal = err
-        message = _broadcast_text(str(refusal) if refusal else "", rank, world)
-        if refusal is not None:
-            raise refusal
-        if message:
-            raise io.RunLocked(message)
-        yield
-
-
-def _broadcast_text(text: str, rank: int, world: int) -> str:
-    """Rank 0's ``text`` on every rank (as bytes in a tensor: nothing is pickled)."""
-    if world == 1:
-        return text
-    import torch.distributed as dist
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
-    size = torch.tensor([data.numel()], device=device)
-    dist.broadcast(size, 0)
-    if rank != 0:
-        data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    if size.item():
-        dist.broadcast(data, 0)
-    return bytes(data.cpu().tolist()).decode()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+    runner.claim(path, space, lambda old: f"{path.parent} holds results measured on {old}; this sweep measures "
+                                          f"on {space}: choose another --out")
 
 
 COLUMNS = ["model", "method", "cfg_scale", "scale", "layers", "perturbation", "sigma", "start", "stop", "scheduler",
@@ -655,7 +569,7 @@ def heatmap_name(m: dict, maps: list[dict]) -> str:
     """``heatmap_<method>.png``; with several variants of a method, the variant is added to the name."""
     if sum(other["method"] == m["method"] for other in maps) == 1:
         return f"heatmap_{m['method']}.png"
-    return f"heatmap_{m['method']}_" + re.sub(r"[^A-Za-z0-9.+_-]", "_", m["variant"]) + ".png"
+    return f"heatmap_{m['method']}_" + runner.safe_name(m["variant"]) + ".png"
 
 
 def _plots(out: Path, flat: list[dict]) -> None:

@@ -1,9 +1,10 @@
-"""The sampling loop over any diffusers scheduler.
+"""The sampling loop over any diffusers scheduler: the one loop of pagkit (sampling, eval, tune, DPS restoration).
 
     x_T ~ N(0, σ_init²)
     for i, t in enumerate(timesteps):
         ε̃ = guided prediction at x_t (one batched forward, see denoise.py)
         x_{t-1} = scheduler.step(ε̃, t, x_t)
+        x_{t-1} = corrector(x_{t-1}, ...)      (optional: e.g. DPS's data consistency, pagkit.restore.dps)
 """
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def start(scheduler, latents: torch.Tensor, num_inference_steps: int, *, eta: fl
     return x, {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
 
 
+class Corrector:
+    """A per-step correction of the loop: ``x_{t-1} ← corrector(x_{t-1}, x=x_t, x_in=..., prediction=ε̃, t=t)``.
+
+    With ``needs_grad`` (the default) the loop tracks gradients from x_t through the guided prediction, so the
+    corrector can differentiate through ε̃ (``torch.autograd.grad(..., x)``); the scheduler's own update is not
+    differentiated. ``x_in`` is the model's input (``scheduler.scale_model_input(x_t, t)``).
+    """
+
+    needs_grad = True
+
+    def __call__(self, x_next: torch.Tensor, *, x: torch.Tensor, x_in: torch.Tensor, prediction: torch.Tensor,
+                 t) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def check_class_labels(model, class_labels, null_class_label=None) -> None:
     """A ValueError unless the labels (and CFG's null label) are classes of ``model``'s class embedding."""
     classes = getattr(model, "config", {}).get("num_class_embeds")
@@ -64,7 +80,7 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
            cond: dict | None = None, uncond: dict | None = None,
            height: int | None = None, width: int | None = None, eta: float = 0.0,
            guidance_rescale: float = 0.0, prefix_sharing: bool = True, progress_bar: bool = True,
-           callback=None, check_finite: bool = True) -> torch.Tensor:
+           callback=None, check_finite: bool = True, corrector: Corrector | None = None) -> torch.Tensor:
     """Draw samples with ``guidance`` (a list of pagkit.CFG/PAG/SEG/SAG terms); returns the final x_0 (model space).
 
     Conditions: ``class_labels`` (with ``null_class_label`` for CFG's ∅), or
@@ -74,6 +90,7 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
     ``prefix_sharing=False`` runs every branch in full (see prefix.py; results are the same).
     ``callback(i, t, x)`` is called after each step. ``check_finite``: stop with
     ``pagkit.denoise.NonFiniteGuidance`` where guidance, not the model, makes a step NaN/inf (False: skip).
+    ``corrector``: a ``Corrector`` applied to x_{t-1} after each step (DPS's data consistency).
     """
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
@@ -111,12 +128,20 @@ def sample(model, scheduler, *, batch_size: int = 1, num_inference_steps: int = 
     keep_epsilon_only = denoiser.backend.learned_sigma(model) and \
         scheduler.config.get("variance_type") not in ("learned", "learned_range")
     timesteps = scheduler.timesteps
+    track = corrector is not None and corrector.needs_grad  # a graph from x_t through ε̃, for the corrector
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress_bar, leave=False)):
-        x_in = scheduler.scale_model_input(x, t)
-        prediction = denoiser.predict(x_in, t, cond, uncond, progress=i / len(timesteps))
+        if track:
+            x = x.detach().requires_grad_()
+        with torch.set_grad_enabled(track):
+            x_in = scheduler.scale_model_input(x, t)
+            prediction = denoiser.predict(x_in, t, cond, uncond, progress=i / len(timesteps))
         if keep_epsilon_only:  # ε and σ (ADM/DiT): a scheduler that does not learn the variance takes ε alone
             prediction = prediction[:, :x.shape[1]]
-        x = scheduler.step(prediction, t, x, **step_kwargs, return_dict=False)[0]
+        x_next = scheduler.step(prediction.detach(), t, x.detach(), **step_kwargs, return_dict=False)[0]
+        if corrector is not None:
+            with torch.set_grad_enabled(track):
+                x_next = corrector(x_next, x=x, x_in=x_in, prediction=prediction, t=t)
+        x = x_next
         if callback is not None:
             callback(i, t, x)
     return x

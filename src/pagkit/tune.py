@@ -9,7 +9,7 @@ sites or blocks (two names of one block) are kept once.
 **Search** (successive halving, Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband's inner loop). Rung r
 measures n_r settings on m_r = u·ηʳ samples each (n₀ = every setting, n_{r+1} = ⌈n_r/η⌉, until a rung holds at
 most η); the best ⌈n_r/η⌉ go on. The samples of a rung are the first m_r of the next (the noise of shard k is the
-same for every setting and sample count: ``pagkit.evaluate``), so a setting that goes on costs only its m_{r+1}
+same for every setting and sample count: ``pagkit.runner``), so a setting that goes on costs only its m_{r+1}
 − m_r new samples. Each rung also measures no guidance on the same samples, as the baseline. The winner of the
 last rung is then confirmed against no guidance on a fresh seed set (``confirm_seed_set``), on at least as many
 samples as the last rung. u is the largest multiple of the shard size for which all of this fits the budget;
@@ -22,10 +22,11 @@ networks on the shipped models; the second network's FD is reported beside it), 
 the images, a (N, C, H, W) tensor in [-1, 1], and returning a number. The spread reported at the confirmation:
 the two networks' FD for the classifier metric; the score of each half of the shards (even / odd) otherwise.
 
-**Resumable and distributed.** Each rung is a ``pagkit.evaluate.Sweep`` in ``OUT/rung<r>/`` (the confirmation
-in ``OUT/confirm/``), so a killed tune resumes with nothing recomputed and its shards are dealt to ``torchrun``
-ranks; every decision is a deterministic function of finished results (ties: the earlier setting of the
-search space). ``OUT/tune.json`` holds the tune's description: another tune in the same folder is an error.
+**Resumable and distributed.** Each rung is a ``pagkit.evaluate.Sweep``, a task of ``pagkit.runner``, in
+``OUT/rung<r>/`` (the confirmation in ``OUT/confirm/``), so a killed tune resumes with nothing recomputed and its
+shards are dealt to ``torchrun`` ranks; every decision is a deterministic function of finished results (ties:
+the earlier setting of the search space). ``OUT/tune.json`` holds the tune's description: another tune in the
+same folder is an error.
 
 **Outputs**: ``OUT/preset.json`` (``pagkit.presets``), ``OUT/tune.md``, ``OUT/finalists.png``.
 """
@@ -44,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from . import io
-from .evaluate import EvalConfig, Sweep, _barrier, _broadcast_text, _dist_rank_world, _field_names, world_lock
+from . import io, runner
+from .evaluate import EvalConfig, Sweep, _field_names
 from .methods import METHODS
 from .presets import PRESET_VERSION
 
@@ -354,20 +355,20 @@ class Tune:
             self.check_score()
         else:
             self._sweep(self.out, configs[:1])  # checks the feature networks and the reference; writes nothing
-        rank, world = _dist_rank_world()
-        with world_lock(self.out, rank, world):  # one tune per --out
-            refusal = ""
+        rank, world = runner.rank_world()
+        with runner.world_lock(self.out, rank, world):  # one tune per --out
+            refusal = None
             if rank == 0:
                 print(plan.describe())
                 print(f"  ≤ {max(map(forward_equivalents, configs))} forward-pass equivalents per guided sample "
                       f"({self.steps} for no guidance)")
-                old = io.claim(self.out / "tune.json", self.record(configs, plan))
-                if old is not None:
-                    refusal = (f"{self.out} holds another tune ({old['method']} on {old['model']}, "
-                               f"{len(old['settings'])} settings, budget {old['plan']['budget']}): choose another --out")
-            refusal = _broadcast_text(refusal, rank, world)  # every rank stops, none waits at a barrier
-            if refusal:
-                raise ValueError(refusal)
+                try:
+                    runner.claim(self.out / "tune.json", self.record(configs, plan), lambda old: (
+                        f"{self.out} holds another tune ({old['method']} on {old['model']}, "
+                        f"{len(old['settings'])} settings, budget {old['plan']['budget']}): choose another --out"))
+                except ValueError as err:
+                    refusal = err
+            runner.refuse_together(refusal, rank, world)  # every rank stops, none waits at a barrier
             return self._search(configs, plan, rank, world)
 
     def _search(self, configs: list[EvalConfig], plan: Plan, rank: int, world: int) -> dict | None:
@@ -380,10 +381,10 @@ class Tune:
             sweep = self._sweep(self.out / f"rung{r}", rows)
             if rank == 0 and previous is not None:
                 _reuse_shards(previous, sweep, rows)
-            _barrier(world)
+            runner.barrier(world)
             sweep.run()
             self._keep_reference(sweep)
-            _barrier(world)  # rank 0 has scored the rung
+            runner.barrier(world)  # rank 0 has scored the rung
             results = [self._result(sweep, c) for c in rows]
             base = results[0]
             for config, res in zip(rows[1:], results[1:]):
@@ -399,7 +400,7 @@ class Tune:
                         replace(winner, num_samples=plan.confirm_samples, seed_set=self.confirm_seed_set)]
         sweep = self._sweep(self.out / "confirm", confirm_rows)
         sweep.run()
-        _barrier(world)
+        runner.barrier(world)
         if rank != 0:
             return None
         confirmation = self._confirm(sweep, confirm_rows)
@@ -452,7 +453,7 @@ class Tune:
         ks = range(half, sweep.num_shards(config), 2)
         if not ks:
             return None
-        images = torch.cat([io.load_tensors(sweep.shard_path(config, k))["images"] for k in ks])
+        images = sweep.unit_images(config, ks)
         if self.score:
             return as_score(self.score_fn(images), f"--score {self.score}")
         return sweep.metrics(images)["fd"]
@@ -479,8 +480,7 @@ class Tune:
             config = replace(config, num_samples=samples)
             path = sweep.shard_path(config, 0)
             if path.is_file():
-                images = torch.cat([io.load_tensors(sweep.shard_path(config, k))["images"]
-                                    for k in range(min(sweep.num_shards(config), math.ceil(16 / self.shard_size)))])
+                images = sweep.unit_images(config, range(min(sweep.num_shards(config), math.ceil(16 / self.shard_size))))
                 grid.append((label(config.terms()).replace(" (", "\n("), images[:16]))
         if grid:
             labelled_grid(grid, self.out / "finalists.png", zoom=2, label_width=230)
