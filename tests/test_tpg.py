@@ -48,11 +48,27 @@ def _dit():
             {"class_labels": torch.tensor([3, 4])}, {"class_labels": torch.tensor([1000, 1000])})
 
 
+def _video(family):
+    """A video family's tiny model with two conditions (tests/video_models.py)."""
+    import video_models as V
+
+    def build():
+        model = getattr(V, family)()
+        x, t, cond = getattr(V, f"{family}_inputs")()
+        _, _, uncond = getattr(V, f"{family}_inputs")(seed=2)
+        return model, x, t, cond, uncond
+    return build
+
+
 FAMILIES = {  # builder, block selection
     "unet2d": (_unet2d, ["down.1", "mid"]),
     "sd-unet": (_sd_unet, [0, 2, 3]),
     "sd3": (_sd3, [0, 2]),
     "dit": (_dit, [3, 7]),
+    # video: the (B, F·H·W, C) tokens of a video block, permuted over space and time alike
+    "wan": (_video("wan"), [0, 1]),
+    "ltx": (_video("ltx"), [0, 1]),
+    "mochi": (_video("mochi"), [0, 1]),
 }
 
 
@@ -210,6 +226,15 @@ def test_restored_after_an_exception():
     model.proj_out.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):  # and through the denoiser
         GuidedDenoiser(model, [pagkit.TPG(2.0, layers=[1])]).predict(x, t, cond)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_video_blocks_that_fold_frames_into_the_batch_are_refused():
+    """AnimateDiff's blocks take B·F (or B·H·W) rows: TPG there is refused with the reason, not run on wrong rows."""
+    import video_models as V
+    model, (x, t, cond) = V.animatediff(), V.animatediff_inputs()
+    with pytest.raises(ValueError, match="fold frames into the batch"):
+        GuidedDenoiser(model, [pagkit.TPG(2.0, layers="mid", seed=1)]).predict(x, t, cond)
     assert not any("forward" in vars(m) for m in model.modules())
 
 
