@@ -24,14 +24,9 @@ from .load import SCHEDULERS, TIMESTEP_SPACINGS, load_model, load_scheduler, shi
 from .restore import DEFAULT_STEP_SIZE, TASKS
 from .tune import DEFAULT_SCALES, TUNABLE
 
-DEFAULT_UNCOND, DEFAULT_COND = "fmnist", "fmnist-cond"
-# Defaults for the shipped UNets, from the evaluation map (docs/results.md, chosen on seed set 0): PAG helps FD
-# only on the 8x8 encoder attention at small scales; larger scales and other layers oversaturate.
-DEFAULT_PAG_LAYERS = ["down.2"]
-DEFAULT_PAG_SCALE = 0.5
-DEFAULT_SEG_SCALE = 1.0  # SEG σ=inf on mid: gamma 1 and 3 tie on FD (both -7%); 1 chosen on FD
-DEFAULT_CFG_SCALE = 1.5  # w=3 oversaturates fmnist-cond (FD 49 -> 164); w=1.5 lowers FD
-NULL_CLASS = 10
+from .defaults import (DEFAULT_CFG_SCALE, DEFAULT_COND, DEFAULT_PAG_LAYERS, DEFAULT_PAG_SCALE,  # noqa: F401
+                       DEFAULT_RESTORE_PAG_SCALE, DEFAULT_SAG_LAYER, DEFAULT_SAG_SCALE, DEFAULT_SEG_LAYERS,
+                       DEFAULT_SEG_SCALE, DEFAULT_UNCOND, NULL_CLASS)
 
 
 def _int_at_least(low: int):
@@ -408,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-scale", type=_finite, default=DEFAULT_SEG_SCALE,
                    help=f"SEG γ (0 = off; default {DEFAULT_SEG_SCALE:g}, on mid: FD -7%% on fmnist, no saturation)")
     p.add_argument("--seg-sigma", type=_finite, default=float("inf"), help="query blur width (inf = mean query)")
-    p.add_argument("--seg-layers", type=_layer_list, default=["mid"])
-    p.add_argument("--sag-scale", type=_finite, default=0.75)
-    p.add_argument("--sag-layer", default="mid")
+    p.add_argument("--seg-layers", type=_layer_list, default=DEFAULT_SEG_LAYERS)
+    p.add_argument("--sag-scale", type=_finite, default=DEFAULT_SAG_SCALE)
+    p.add_argument("--sag-layer", default=DEFAULT_SAG_LAYER)
     p.add_argument("--guidance", action="append", metavar="SPEC",
                    help="a row of your own guidance instead of the default rows (repeatable), e.g. "
                         "'pag:1,layers=mid', 'slg:2,layers=mid', 'cfg:3; seg:1,layers=mid'. Terms are "
@@ -541,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=_nonnegative, default=1.0, help="DDIM's η (default 1: ancestral, as DPS)")
     p.add_argument("--step-size", type=_nonnegative, default=DEFAULT_STEP_SIZE,
                    help=f"DPS's ζ (default {DEFAULT_STEP_SIZE:g}; 0 = no data consistency)")
-    _pag_options(p, scale=1.0)  # the restoration table's setting, chosen by docs/tune_restore.py
+    _pag_options(p, scale=DEFAULT_RESTORE_PAG_SCALE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=50)
     p.add_argument("--noise-sigma", type=_finite, default=None, help="measurement noise σ_y (default 0.05)")
