@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -17,10 +18,27 @@ from ..load import SCHEDULERS, load_model, load_scheduler
 from ..restore import DEFAULT_STEP_SIZE, TASKS
 from .common import _finite, _nonnegative, _nonnegative_int, _pag_options, _positive_int
 
-# pagkit restore's operator options → make_operator's parameters
-TASK_OPTIONS = {"box_size": "size", "keep_fraction": "keep_fraction", "blur_sigma": "sigma",
-                "kernel_size": "kernel_size", "motion_intensity": "intensity", "operator_seed": "seed",
-                "noise_sigma": "noise_sigma"}
+
+class OperatorOption(NamedTuple):
+    flag: str
+    parameter: str  # make_operator's (the operator dataclass's field)
+    type: Callable[[str], object]
+    help: str  # ends with the operator's default, in brackets
+
+
+# pagkit restore's operator options, all defaulting to None (= the operator's own default): a new operator
+# parameter is one row here. make_operator refuses one the --task does not take, naming those it does.
+OPERATOR_OPTIONS = (
+    OperatorOption("--noise-sigma", "noise_sigma", _finite, "measurement noise σ_y (default 0.05)"),
+    OperatorOption("--box-size", "size", _positive_int, "box-inpaint: box side in pixels (half)"),
+    OperatorOption("--keep-fraction", "keep_fraction", _finite, "random-inpaint: pixels kept (0.3)"),
+    OperatorOption("--kernel-size", "kernel_size", _positive_int, "blur tasks: odd kernel side (9)"),
+    OperatorOption("--blur-sigma", "sigma", _finite, "gaussian-deblur: σ in pixels (1.5)"),
+    OperatorOption("--motion-intensity", "intensity", _finite, "motion-deblur: shake, 0..1 (0.5)"),
+    OperatorOption("--operator-seed", "seed", int, "random-inpaint mask / motion kernel (0)"),
+)
+# argparse dest → make_operator's parameter
+TASK_OPTIONS = {o.flag[2:].replace("-", "_"): o.parameter for o in OPERATOR_OPTIONS}
 
 
 def add_parser(subparsers) -> None:
@@ -49,13 +67,8 @@ def add_parser(subparsers) -> None:
     _pag_options(p, scale=DEFAULT_RESTORE_PAG_SCALE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=50)
-    p.add_argument("--noise-sigma", type=_finite, default=None, help="measurement noise σ_y (default 0.05)")
-    p.add_argument("--box-size", type=_positive_int, default=None, help="box-inpaint: box side in pixels (half)")
-    p.add_argument("--keep-fraction", type=_finite, default=None, help="random-inpaint: pixels kept (0.3)")
-    p.add_argument("--kernel-size", type=_positive_int, default=None, help="blur tasks: odd kernel side (9)")
-    p.add_argument("--blur-sigma", type=_finite, default=None, help="gaussian-deblur: σ in pixels (1.5)")
-    p.add_argument("--motion-intensity", type=_finite, default=None, help="motion-deblur: shake, 0..1 (0.5)")
-    p.add_argument("--operator-seed", type=int, default=None, help="random-inpaint mask / motion kernel (0)")
+    for option in OPERATOR_OPTIONS:
+        p.add_argument(option.flag, type=option.type, default=None, help=option.help)
     p.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
     p.add_argument("--num-real", type=_positive_int, default=10000, help="test images used as FD's reference")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
