@@ -48,6 +48,16 @@ def test_eval_sweeps_sag_over_its_layers_one_at_a_time():
     assert [c.layers for c in eval_configs(old_spelling)] == [("mid",)]
 
 
+def test_restore_has_one_option_per_operator_parameter():
+    """OPERATOR_OPTIONS is the one table: every make_operator parameter of every task has its flag, and no more."""
+    from pagkit.cli.restore import OPERATOR_OPTIONS
+    from pagkit.restore import TASKS, task_parameters
+    assert sorted(o.parameter for o in OPERATOR_OPTIONS) == sorted({p for t in TASKS for p in task_parameters(t)})
+    args = build_parser().parse_args(["restore", "--task", "motion-deblur", "--test-images", "1",
+                                      "--motion-intensity", "0.25", "--operator-seed", "3"])
+    assert (args.motion_intensity, args.operator_seed, args.kernel_size) == (0.25, 3, None)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--model", "/no/such/model"], "model '/no/such/model' not found"),
     (["sample", "--steps", "-2"], "argument --steps: expected a positive integer, got -2"),

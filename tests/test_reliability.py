@@ -35,7 +35,7 @@ def test_class_label_out_of_range_names_the_valid_classes(capsys):
 
 
 def test_invalid_scales_fail_before_any_model_is_loaded(monkeypatch, capsys):
-    import pagkit.cli as cli
+    import pagkit.cli.sample as cli  # the module that loads sample's models
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 
 from . import io
 from .data import IMAGE_SIZE, data_checksum, default_data_dir, load_fashion_mnist
+from .defaults import NULL_CLASS, NUM_CLASSES
 
-NUM_CLASSES = 10
-NULL_CLASS = NUM_CLASSES  # the "no label" class of the conditional model (CFG's ∅)
 
 
 def unet_config(conditional: bool, size: str = "small") -> dict:
