@@ -109,14 +109,14 @@ def _restore_inputs(args, operator, methods: dict, out: Path) -> None:
     from ..denoise import GuidedDenoiser
     from ..report import labelled_grid
     from ..sample import sample_shape
-    with io.run_lock(out):  # one run per --out, as for --test-images
-        model = load_model(args.model).to(args.device)
-        scheduler = load_scheduler(args.model, args.scheduler)
-        for terms in methods.values():  # every layer name checked before any work
-            GuidedDenoiser(model, terms, scheduler=scheduler)
-        blank = torch.zeros(sample_shape(model, 1))
-        size = operator(blank).shape[-2:] if args.degraded else blank.shape[-2:]
-        images = read_images(args.input, blank.shape[1], tuple(size)).to(args.device)
+    model = load_model(args.model).to(args.device)
+    scheduler = load_scheduler(args.model, args.scheduler)
+    for terms in methods.values():  # every layer name checked before any work
+        GuidedDenoiser(model, terms, scheduler=scheduler)
+    blank = torch.zeros(sample_shape(model, 1))
+    size = operator(blank).shape[-2:] if args.degraded else blank.shape[-2:]
+    images = read_images(args.input, blank.shape[1], tuple(size)).to(args.device)
+    with io.run_lock(out):  # one run per --out, as for --test-images; taken once the inputs are checked
         restored, y, scores = R.restore_inputs(model, scheduler, operator, images, methods=methods,
                                                degraded=args.degraded, seed=args.seed, batch_size=args.batch_size,
                                                step_size=args.step_size, num_inference_steps=args.steps, eta=args.eta,
