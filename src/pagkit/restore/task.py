@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import io, runner
+from ..defaults import DEFAULT_UNCOND
 from ..denoise import GuidedDenoiser
 from ..sample import sample_shape
 from .dps import DEFAULT_STEP_SIZE, dps
@@ -52,7 +53,7 @@ def restore_batch(model, scheduler, operator: Operator, batch: torch.Tensor, gui
     return dps(model, scheduler, operator, y, guidance=guidance, generator=generator, **dps_options), y
 
 
-def restore_eval(task: str, out: str | Path, *, methods: dict[str, list], model: str = "fmnist",
+def restore_eval(task: str, out: str | Path, *, methods: dict[str, list], model: str = DEFAULT_UNCOND,
                  params: dict | None = None, num_images: int = 1000, step_size: float = DEFAULT_STEP_SIZE,
                  num_inference_steps: int = 50, scheduler: str = "ddim", eta: float = 1.0, seed: int = 0,
                  batch_size: int = 50, classifier: str | Path | None = None, num_real: int = 10000, data_dir=None,
@@ -89,7 +90,7 @@ class RestoreEval(runner.Task):
     task: str
     out: Path
     methods: dict[str, list]
-    model: str = "fmnist"
+    model: str = DEFAULT_UNCOND
     params: dict | None = None
     num_images: int = 1000
     step_size: float = DEFAULT_STEP_SIZE
