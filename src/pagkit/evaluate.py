@@ -31,7 +31,7 @@ import torch
 
 from . import guidance as G  # noqa: F401  (kept for callers that reach pagkit.evaluate.G)
 from . import io, runner
-from .defaults import NULL_CLASS  # noqa: F401  (kept importable from here)
+from .defaults import NULL_CLASS
 from .denoise import NonFiniteGuidance
 from .methods import METHODS
 from .runner import world_lock  # noqa: F401  (moved to pagkit.runner; kept for callers that import it from here)
