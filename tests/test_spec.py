@@ -139,6 +139,19 @@ def test_eval_takes_any_method_with_the_axes_its_fields_have():
     assert seg[1].terms() == [pagkit.CFG(1.5), pagkit.SEG(1.0, sigma=10.0, layers=["down.2"])]
 
 
+def test_eval_sweeps_repeated_options_and_keeps_a_rules_commas():
+    """``--options`` repeated: one row per option set, the rows they share (none) once; a rule's options keep the
+    commas inside its parentheses."""
+    args = build_parser().parse_args(["eval", "--methods", "none,pag", "--scales", "1", "--layers", "mid",
+                                      "--options", "rule=apg(eta=0,momentum=-0.5)", "--options", "rule=apg(eta=1)",
+                                      "--out", "unused"])
+    configs = eval_configs(args)
+    assert [c.method for c in configs] == ["none", "pag", "pag"]
+    assert [c.terms() for c in configs[1:]] == [[pagkit.PAG(1.0, layers=["mid"], rule=pagkit.APG(eta=0.0, momentum=-0.5))],
+                                                [pagkit.PAG(1.0, layers=["mid"], rule=pagkit.APG(eta=1.0))]]
+    assert len({c.key for c in configs}) == 3
+
+
 def test_results_of_a_row_with_options_say_them(tmp_path):
     from pagkit.evaluate import EvalConfig, _config_dict, flatten
     plain = EvalConfig("fmnist", "sag", scale=1.0, layers=("mid",))

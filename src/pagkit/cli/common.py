@@ -55,8 +55,13 @@ def _floats(text: str) -> list[float]:
 
 
 def _options(text: str) -> dict[str, str]:
+    from ..spec import _split
+    try:
+        items = _split(text)  # commas inside a rule's parentheses stay: rule=apg(eta=0,momentum=-0.5)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     out = {}
-    for item in (i for i in text.split(",") if i.strip()):
+    for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip() or not value.strip():
             raise argparse.ArgumentTypeError(f"options look like key=value,key=value, got {item!r}")

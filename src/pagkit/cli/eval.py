@@ -18,9 +18,10 @@ def add_parser(subparsers) -> None:
                    help="comma-separated: none, any of " + ", ".join(METHODS) + ", or cfg+<method> (e.g. "
                         "cfg+pag); each method takes the axes it has (slg: --layers are block selections; its "
                         "interval is open at both ends, as diffusers' SD3 pipeline)")
-    p.add_argument("--options", type=_options, default={}, metavar="KEY=VALUE,...",
+    p.add_argument("--options", type=_options, action="append", default=None, metavar="KEY=VALUE,...",
                    help="further fields of the guided methods, as in pagkit sample --guidance (e.g. "
-                        "'kernel_size=7'); each goes to every chosen method that has it, and into the row's key")
+                        "'kernel_size=7'); each goes to every chosen method that has it, and into the row's key. "
+                        "Repeat it to sweep them: --options 'rule=apg(eta=0)' --options 'rule=apg(eta=1)'")
     p.add_argument("--scales", type=_floats, default=[3.0], help="PAG s / SEG γ / SAG s / SLG s values")
     p.add_argument("--cfg-scales", type=_floats, default=[3.0], help="CFG w values")
     p.add_argument("--layers", default=",".join(DEFAULT_PAG_LAYERS),
@@ -57,11 +58,15 @@ def add_parser(subparsers) -> None:
 def eval_configs(args) -> list:
     """The configurations an ``eval`` command line sweeps (also read back by docs/make_results.py)."""
     from ..evaluate import expand
-    return expand(args.model, args.methods, scales=args.scales, cfg_scales=args.cfg_scales,
-                  layer_sets=_layer_sets(args.layers),
-                  perturbations=args.perturbations, sigmas=args.seg_sigmas, intervals=args.intervals,
-                  sag_layers=args.sag_layers, seed_sets=args.seed_sets, scheduler=args.scheduler, steps=args.steps,
-                  num_samples=args.num_samples, timestep_spacing=args.timestep_spacing, options=args.options)
+    configs = {}
+    for options in args.options or [{}]:  # one sweep per option set; the rows they share (none, cfg) once
+        for config in expand(args.model, args.methods, scales=args.scales, cfg_scales=args.cfg_scales,
+                             layer_sets=_layer_sets(args.layers), perturbations=args.perturbations,
+                             sigmas=args.seg_sigmas, intervals=args.intervals, sag_layers=args.sag_layers,
+                             seed_sets=args.seed_sets, scheduler=args.scheduler, steps=args.steps,
+                             num_samples=args.num_samples, timestep_spacing=args.timestep_spacing, options=options):
+            configs.setdefault(config.key, config)
+    return list(configs.values())
 
 
 def run(args) -> None:
