@@ -21,6 +21,8 @@ from pagkit import cli
 from pagkit.load import shipped_models
 from pagkit.studio import command, core
 
+# Gradio 6.31's queue calls pandas 3 options it deprecates; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
 LABEL_WIDTH, PAD = 190, 2  # report.labelled_grid's label column and padding: tiles start right of them
 CHROMIUM = os.environ.get("PAGKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 FAST = dict(steps=3, num_images=3)
@@ -203,11 +205,7 @@ def test_a_folder_under_the_root_samples_like_the_shipped_model(roots):
 
 
 def test_the_results_browser_reads_an_out_folder_and_nothing_outside(tmp_path):
-    out = tmp_path / "files" / "runs" / "sweep"
-    (out / "plots").mkdir(parents=True)
-    (out / "results.md").write_text("| config | fd |\n|---|---|\n| none | 44.0 |\n")
-    Image.new("RGB", (8, 8), "red").save(out / "plots" / "fd_vs_scale.png")
-    Image.new("RGB", (8, 8), "blue").save(out / "grid.png")
+    _fake_out(tmp_path / "files" / "runs" / "sweep")
     tune = tmp_path / "files" / "runs" / "tune"
     tune.mkdir()
     (tune / "tune.md").write_text("# tune\n")
@@ -265,14 +263,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fake_out(out: Path) -> None:
+    """A small OUT folder as pagkit eval leaves it: results.md, a plot, a grid."""
+    (out / "plots").mkdir(parents=True)
+    (out / "results.md").write_text("| config | fd |\n|---|---|\n| none | 44.0 |\n| pag:0.5 | 42.3 |\n")
+    Image.new("RGB", (64, 48), "red").save(out / "plots" / "fd_vs_scale.png")
+    Image.new("RGB", (64, 48), "blue").save(out / "grid.png")
+
+
 @pytest.fixture(scope="module")
-def browser_page():
+def browser_page(tmp_path_factory):
     """The studio on a free port and a headless Chromium page on it; skips, saying why, if either cannot start."""
     pytest.importorskip("gradio", reason="pagkit studio needs Gradio: pip install 'pagkit[studio]'")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright (pip)")
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (apt-get install chromium, or set PAGKIT_CHROMIUM)")
-    args = argparse.Namespace(model="fmnist", models_root=None, files_root=".", host="127.0.0.1",
+    files = tmp_path_factory.mktemp("studio-files")
+    _fake_out(files / "runs" / "sweep")
+    args = argparse.Namespace(model="fmnist", models_root=None, files_root=str(files), host="127.0.0.1",
                               port=_free_port(), auth=None, threads=None)
     app, url = command.launch(args, block=False)
     playwright = sync_api.sync_playwright().start()
@@ -330,3 +338,40 @@ def test_a_bad_input_typed_into_the_page_shows_the_error_and_draws_nothing(brows
     assert page.inner_text("#compare-error").startswith("unknown layer 'nosuch' in UNet2DModel; nearest valid names")
     assert page.locator("#compare-grid img").count() == 0
     assert page.locator("#compare-command textarea").input_value() == ""
+
+
+def test_clicking_a_site_column_puts_the_site_into_a_configuration(browser_page):
+    page = browser_page
+    _set(page, "#steps input", "1")
+    _set(page, "#seeds input", "2")
+    page.get_by_role("tab", name="Sites").click()
+    page.fill("#sites-spec textarea", "pag:2")
+    page.click("#sites-generate")
+    image = page.locator("#sites-grid img")
+    image.wait_for()
+    natural = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    columns = 1 + 7  # the unguided column and fmnist's seven sites
+    width = natural[0] // columns
+    box = image.bounding_box()
+    x = (3 * width + width / 2) / natural[0] * box["width"]  # the fourth column: mid_block.attentions.0
+    image.click(position={"x": x, "y": box["height"] * 0.6})
+    page.wait_for_function("document.querySelector('#config-0 textarea').value.includes('mid_block')")
+    assert page.locator("#config-0 textarea").input_value() == "pag:2,layers=mid_block.attentions.0"
+    assert "--guidance pag:2,layers=mid_block.attentions.0" in page.locator("#sites-command textarea").input_value()
+
+
+def test_the_results_tab_shows_an_out_folders_table_and_images(browser_page):
+    page = browser_page
+    page.get_by_role("tab", name="Results").click()
+    page.fill("#results-folder input", "runs/sweep")
+    page.locator("#results-folder input").press("Enter")
+    page.click("#results-open")
+    page.wait_for_selector("#results-text table")
+    assert "42.3" in page.inner_text("#results-text")
+    page.wait_for_selector("#results-gallery img")
+    assert page.locator("#results-gallery img").count() == 2
+    page.fill("#results-folder input", "/etc")
+    page.locator("#results-folder input").press("Enter")
+    page.click("#results-open")
+    page.wait_for_selector("#results-error .studio-error")
+    assert "is outside" in page.inner_text("#results-error")

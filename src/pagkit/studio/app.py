@@ -177,9 +177,9 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                     sites_cancel = gr.Button("Cancel", variant="stop")
                 sites_error = gr.HTML(elem_id="sites-error")
                 sites_progress = gr.HTML(elem_id="sites-progress")
-                sites_gallery = gr.Gallery(format="png", columns=8, allow_preview=False, object_fit="contain",
-                                           height="auto", label="one column per site (click one)",
-                                           elem_id="sites-gallery")
+                gr.Markdown("One column per site (the unguided one first), the same seeds top to bottom; click one.")
+                sites_grid = gr.Image(type="pil", format="png", interactive=False, show_label=False,
+                                      elem_id="sites-grid")
                 sites_status = gr.Markdown(elem_id="sites-status")
                 sites_command = gr.Textbox(label="The same columns from the command line (as grid rows)",
                                            interactive=False, buttons=["copy"], elem_id="sites-command")
@@ -268,24 +268,26 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                     yield _error(value), "", None, [], ""
                 else:
                     cols = core.columns(value, found["sites"])
-                    gallery = [(image, site or "no guidance") for site, _, image in cols]
-                    yield "", gr.update(), gallery, [(site, spec) for site, spec, _ in cols], value.command
+                    image, spans = core.sites_grid(cols)
+                    yield "", gr.update(), image, [(site, spec, span) for (site, spec, _), span in zip(cols, spans)], \
+                        value.command
 
         sites_go.click(on_sites, shared + [sites_spec],
-                       [sites_error, sites_progress, sites_gallery, sites_state, sites_command],
+                       [sites_error, sites_progress, sites_grid, sites_state, sites_command],
                        show_progress="hidden")
 
-        def on_pick(state, slot, evt: gr.SelectData):
-            if not state or evt.index is None or evt.index >= len(state):
+        def on_pick(state, slot, evt: gr.SelectData):  # evt.index: the click's [x, y] in image pixels
+            column = core.column_at([span for _, _, span in state], evt.index[0]) if state and evt.index else None
+            if column is None:
                 return [gr.update()] * len(configs) + [""]
-            site, spec = state[evt.index]
+            site, spec, _ = state[column]
             index = int(slot) - 1
             text = "" if site is None else spec
             note = (f"configuration {index + 1}: `{text}`" if site else
                     f"configuration {index + 1} cleared (the unguided row is always drawn)")
             return [gr.update(value=text) if i == index else gr.update() for i in range(len(configs))] + [note]
 
-        sites_gallery.select(on_pick, [sites_state, target], configs + [sites_status])
+        sites_grid.select(on_pick, [sites_state, target], configs + [sites_status])
 
         for button in (cancel, strip_cancel, sites_cancel):
             button.click(cancel_run, None, None, queue=False)

@@ -503,6 +503,29 @@ def classes(model: str, models_root=None) -> list[int]:
     return [c for c in range(count) if not (c == NULL_CLASS and c == count - 1)]
 
 
+def sites_grid(cols: list[tuple[str | None, str, object]], pad: int = 12, header: int = 52):
+    """The explorer's columns side by side under their site names; also each column's x-range (for clicks)."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=13)
+    width = max(c[2].width for c in cols) + pad
+    canvas = Image.new("RGB", (len(cols) * width + pad, header + max(c[2].height for c in cols)), "white")
+    draw, spans = ImageDraw.Draw(canvas), []
+    for i, (site, _, image) in enumerate(cols):
+        x = pad // 2 + i * width
+        parts = (site or "no guidance").split(".")
+        lines = [".".join(parts[j:j + 2]) for j in range(0, len(parts), 2)]  # down_blocks.1 / attentions.0
+        for n, line in enumerate(lines[:3]):
+            draw.text((x + 2, 4 + 15 * n), line, fill="black", font=font)
+        canvas.paste(image, (x + (width - image.width) // 2, header))
+        spans.append((x, x + width))
+    return canvas, spans
+
+
+def column_at(spans: list[tuple[int, int]], x: float) -> int | None:
+    """The column a click at ``x`` (image pixels) falls in."""
+    return next((i for i, (a, b) in enumerate(spans) if a <= x < b), None)
+
+
 def column_image(images: torch.Tensor, zoom: int = 3, pad: int = 2):
     """A row's seeds as one column (top to bottom), for the sites explorer."""
     from PIL import Image
@@ -567,5 +590,5 @@ def method_template(name: str) -> str:
 
 
 __all__ = ["Request", "Plan", "Result", "Row", "Results", "StudioError", "Cancelled", "plan", "draw", "compare",
-           "scale_strip", "site_columns", "strip_request", "sites_request", "columns", "classes", "read_results", "command_line", "sample_argv", "check_model", "check_file",
+           "scale_strip", "site_columns", "strip_request", "sites_request", "columns", "sites_grid", "column_at", "classes", "read_results", "command_line", "sample_argv", "check_model", "check_file",
            "list_models", "list_results", "parse_scales", "strip_specs", "site_specs", "SCHEDULERS"]
