@@ -293,8 +293,11 @@ def browser_page(tmp_path_factory):
         pytest.skip(f"headless chromium ({CHROMIUM}) cannot start: {str(err).splitlines()[0]}")
     page = browser.new_page(viewport={"width": 1280, "height": 1300})
     page.set_default_timeout(120_000)
+    page.requested = []  # every URL the page asks for: offline means all of them are the studio's own
+    page.on("request", lambda r: page.requested.append(r.url))
     page.goto(url)
     page.wait_for_selector("#config-0 textarea")
+    page.studio_url = url
     yield page
     browser.close()
     playwright.stop()
@@ -375,3 +378,26 @@ def test_the_results_tab_shows_an_out_folders_table_and_images(browser_page):
     page.click("#results-open")
     page.wait_for_selector("#results-error .studio-error")
     assert "is outside" in page.inner_text("#results-error")
+
+
+def test_cancel_on_the_page_stops_the_run_and_draws_nothing(browser_page):
+    page = browser_page
+    page.get_by_role("tab", name="Compare").click()
+    _set(page, "#steps input", "500")
+    _set(page, "#seeds input", "2")
+    page.fill("#config-0 textarea", "pag:1")
+    page.click("#generate")
+    page.wait_for_selector("#compare-progress progress")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#compare-error').innerText.includes('cancelled')")
+    assert page.inner_text("#compare-error").startswith("cancelled at step")
+    assert page.locator("#compare-grid img").count() == 0
+
+
+def test_the_page_is_offline_and_sends_no_telemetry(browser_page):
+    from urllib.parse import urlparse
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    local = urlparse(browser_page.studio_url).netloc
+    foreign = [u for u in browser_page.requested if urlparse(u).scheme in ("http", "https", "ws", "wss")
+               and urlparse(u).netloc != local]
+    assert browser_page.requested and not foreign

@@ -44,8 +44,8 @@ def _error(text: str) -> str:
 
 
 def _drive(session: str, make_plan):
-    """Check (``make_plan``), then draw in a worker thread; yields ("progress", html), then one of
-    ("done", result), ("error", message)."""
+    """Check (``make_plan``), then draw in a worker thread; yields ("start", html) (the page clears the last
+    grid and error), ("progress", html) while it runs, then one of ("done", result), ("error", message)."""
     try:
         plan = make_plan()
     except core.StudioError as err:
@@ -68,6 +68,7 @@ def _drive(session: str, make_plan):
     labels = [label for label, _ in plan.rows]
     worker = threading.Thread(target=work, daemon=True, name="pagkit-studio-draw")
     worker.start()
+    yield "start", _bars(labels, done, plan.args.steps)
     while worker.is_alive():
         yield "progress", _bars(labels, done, plan.args.steps)
         worker.join(0.25)
@@ -226,7 +227,9 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
         def on_compare(model, scheduler, steps, seed, seeds, klass, c1, c2, c3, c4, c5, c6, request: gr.Request):
             req = _request(model, scheduler, steps, seed, seeds, klass, configs=[c1, c2, c3, c4, c5, c6])
             for kind, value in _drive(request.session_hash, lambda: core.plan(req, **roots)):
-                if kind == "progress":
+                if kind == "start":  # the last grid goes: what shows is always what the command line draws
+                    yield "", value, None, None, ""
+                elif kind == "progress":
                     yield gr.update(), value, gr.update(), gr.update(), gr.update()
                 elif kind == "error":  # refused or cancelled: the message, and no grid
                     yield _error(value), "", None, None, ""
@@ -242,7 +245,9 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                 req = core.strip_request(_request(model, scheduler, steps, seed, seeds, klass), spec, scales)
                 return core.plan(req, max_configs=core.MAX_SCALES, **roots)
             for kind, value in _drive(request.session_hash, make_plan):
-                if kind == "progress":
+                if kind == "start":
+                    yield "", value, None, None, ""
+                elif kind == "progress":
                     yield gr.update(), value, gr.update(), gr.update(), gr.update()
                 elif kind == "error":
                     yield _error(value), "", None, None, ""
@@ -262,7 +267,9 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                                                          models_root=models_root)
                 return core.plan(req, max_configs=len(found["sites"]), **roots)
             for kind, value in _drive(request.session_hash, make_plan):
-                if kind == "progress":
+                if kind == "start":
+                    yield "", value, None, [], ""
+                elif kind == "progress":
                     yield gr.update(), value, gr.update(), gr.update(), gr.update()
                 elif kind == "error":
                     yield _error(value), "", None, [], ""
