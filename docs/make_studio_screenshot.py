@@ -54,7 +54,7 @@ def main() -> None:
                 page.fill("#steps input", "4")
                 page.locator("#steps input").dispatch_event("blur")
                 for tab, button, wait in (("Scale strip", "#strip-generate", "#strip-grid img"),
-                                          ("Sites", "#sites-generate", "#sites-gallery img")):
+                                          ("Sites", "#sites-generate", "#sites-grid img")):
                     page.get_by_role("tab", name=tab).click()
                     page.click(button)
                     page.wait_for_selector(wait)

@@ -512,8 +512,12 @@ def sites_grid(cols: list[tuple[str | None, str, object]], pad: int = 12, header
     draw, spans = ImageDraw.Draw(canvas), []
     for i, (site, _, image) in enumerate(cols):
         x = pad // 2 + i * width
-        parts = (site or "no guidance").split(".")
-        lines = [".".join(parts[j:j + 2]) for j in range(0, len(parts), 2)]  # down_blocks.1 / attentions.0
+        lines = [""]
+        for part in (site or "no guidance").split("."):  # wrapped at dots to the column: down_blocks.1 / attentions.0
+            if lines[-1] and len(lines[-1]) + 1 + len(part) > 13:
+                lines.append(part)
+            else:
+                lines[-1] = f"{lines[-1]}.{part}" if lines[-1] else part
         for n, line in enumerate(lines[:3]):
             draw.text((x + 2, 4 + 15 * n), line, fill="black", font=font)
         canvas.paste(image, (x + (width - image.width) // 2, header))
