@@ -196,7 +196,8 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                     refresh = gr.Button("Refresh the list")
                 results_error = gr.HTML(elem_id="results-error")
                 results_text = gr.Markdown(elem_id="results-text")
-                results_gallery = gr.Gallery(format="png", columns=3, label="plots and grids", elem_id="results-gallery")
+                results_gallery = gr.Gallery(format="png", columns=3, object_fit="contain", height="auto", preview=False,
+                                             label="plots and grids", elem_id="results-gallery")
 
         # ---- callbacks: each one calls core and shows its return ----
         def on_model(name):
