@@ -233,6 +233,13 @@ CASES = [
     ("tune-model-pickled", [*TUNE, "--model", "{F}/pickled", "--out", "{OUT}"], "pagkit never unpickles"),
     ("tune-classifier-missing", [*TUNE, "--classifier", "{F}/nope", "--out", "{OUT}"], "no classifier at {F}/nope"),
     ("tune-out-file", [*TUNE, "--out", "{F}/a-file"], "{F}/a-file cannot be made: {F}/a-file is a file"),
+    # studio: refused before the server starts
+    ("studio-public-host-no-auth", ["studio", "--host", "0.0.0.0"], "--host 0.0.0.0 is not local: give --auth"),
+    ("studio-auth-shape", ["studio", "--auth", "nopass"], "--auth looks like user:pass, got 'nopass'"),
+    ("studio-port", ["studio", "--port", "70000"], "expected a port number 1..65535, got 70000"),
+    ("studio-models-root-missing", ["studio", "--models-root", "{F}/nope"], "--models-root {F}/nope: not a folder"),
+    ("studio-model-outside-root", ["studio", "--model", "{F}/model"], "model folders are off: start pagkit studio "
+                                                                       "with --models-root DIR"),
     # conflicting options
     ("restore-input-and-test-images", [*RESTORE, "--input", "{F}/ok.png", "--test-images", "2"],
      "argument --test-images: not allowed with argument --input"),

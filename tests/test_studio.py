@@ -106,8 +106,6 @@ def test_a_conditional_model_takes_a_class_and_cfg_and_refuses_a_class_out_of_ra
     assert np.array_equal(_tiles(grid), _tiles(result.grid))
 
 
-@pytest.mark.xfail(strict=True, reason="pagkit sample --model M --guidance 'cfg:...' is refused for every M: cmd_sample "
-                   "pre-checks its rows with conditional=False before loading M (cli.py); remove this mark with the fix")
 def test_cfg_on_a_conditional_model_reproduces_through_the_cli(capsys, tmp_path):
     result = core.compare(core.Request(model="fmnist-cond", configs=["cfg:1.5"], class_label=3, steps=2,
                                        num_images=2))

@@ -1,4 +1,4 @@
-"""The ``pagkit`` command: ``layers``, ``sample``, ``eval``, ``tune``, ``restore``, ``bench``, ``train``.
+"""The ``pagkit`` command: ``layers``, ``sample``, ``eval``, ``tune``, ``restore``, ``bench``, ``train``, ``studio``.
 
 Errors a user can fix (a bad path, an unknown layer, a bad number) end in one
 line on stderr and exit code 2, never a traceback.
@@ -13,6 +13,7 @@ import sys
 
 from . import bench, eval, layers, restore, sample, train, tune  # eval: the subcommand (no builtin eval here)
 from .common import _Parser
+from ..studio import command as studio  # the page's subcommand lives beside the page (it imports no Gradio)
 # re-exported: the names pagkit.cli had as one module (tests and docs/make_results.py import them from here)
 from ..defaults import (DEFAULT_CFG_SCALE, DEFAULT_COND, DEFAULT_PAG_LAYERS, DEFAULT_PAG_SCALE, DEFAULT_SEG_SCALE,
                         DEFAULT_UNCOND, NULL_CLASS)
@@ -22,7 +23,7 @@ from .restore import TASK_OPTIONS
 __all__ = ["main", "build_parser", "eval_configs", "TASK_OPTIONS", "DEFAULT_CFG_SCALE", "DEFAULT_COND",
            "DEFAULT_PAG_LAYERS", "DEFAULT_PAG_SCALE", "DEFAULT_SEG_SCALE", "DEFAULT_UNCOND", "NULL_CLASS"]
 
-COMMANDS = (layers, sample, bench, eval, tune, restore, train)  # in pagkit --help's order
+COMMANDS = (layers, sample, bench, eval, tune, restore, train, studio)  # in pagkit --help's order
 
 
 def build_parser() -> argparse.ArgumentParser:

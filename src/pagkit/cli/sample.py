@@ -50,15 +50,16 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _configurations(args, conditional: bool) -> list[tuple[str, list]]:
-    """The grid's rows for one model: (label, guidance terms), the unguided row first."""
+def _configurations(args, conditional: bool | None) -> list[tuple[str, list]]:
+    """The grid's rows for one model: (label, guidance terms), the unguided row first. ``conditional=None``: the
+    model is not loaded yet (every term is checked, but not whether the model can take CFG)."""
     if args.guidance or args.preset:  # the user's rows (pagkit.spec, presets), after the unguided one
         from ..presets import load_preset
         from ..spec import format_spec, label, parse_spec
         rows = [terms for terms in (parse_spec(text) for text in args.guidance or []) if terms]
         rows += [load_preset(path) for path in args.preset or []]
         with_cfg = [terms for terms in rows if any(isinstance(t, G.CFG) for t in terms)]
-        if with_cfg and not conditional:
+        if with_cfg and conditional is False:
             if args.model:  # the user's one model cannot do it
                 raise ValueError(f"--guidance {format_spec(with_cfg[0])!r}: CFG needs a class-conditional model "
                                  f"(with a null class); {args.model} is unconditional")
@@ -105,7 +106,7 @@ def run(args) -> None:
     from ..report import labelled_grid
     from ..sample import sample
     torch.set_num_threads(args.threads) if args.threads else None
-    _configurations(args, conditional=False), _configurations(args, conditional=True)  # scales etc., before loading
+    _configurations(args, conditional=None), _configurations(args, conditional=True)  # scales etc., before loading
     if not args.list_layers:
         check_output_file(args.out)
     jobs = _jobs(args)

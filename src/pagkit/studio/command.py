@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli.common import _positive_int
+
 LOCAL_HOSTS = ("localhost",)
 
 
@@ -32,19 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="address to bind (default 127.0.0.1; any other needs --auth)")
     p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="a login for the page (required off localhost)")
-    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=run)
     return p
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
