@@ -39,6 +39,20 @@ def test_sample_command_writes_a_labelled_grid(model_dir, tmp_path, capsys):
     assert image.size == (label_width + 3 * (16 * zoom + pad) + pad, 4 * (16 * zoom + pad) + pad)
 
 
+def test_sample_scale_strip_adds_one_row_per_scale_and_its_zero_is_the_unguided_row(model_dir, tmp_path, capsys):
+    """--strip 0,2 (what ./run demo does with 0,0.5,1,2,3): two more rows of PAG on --pag-layers; s = 0 is neutral,
+    so its tiles are the unguided row's exactly."""
+    out_png = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(model_dir), "--steps", "2", "--num-images", "3", "--quiet",
+                 "--pag-layers", "down.1", "--strip", "0,2", "--out", str(out_png)]) == 0
+    printed = capsys.readouterr().out
+    assert "strip: PAG s=0 down.1" in printed and "strip: PAG s=2 down.1" in printed and "(6 rows" in printed
+    grid = torch.tensor(list(Image.open(out_png).convert("L").getdata())).view(Image.open(out_png).size[::-1])
+    row = 16 * 3 + 2
+    tiles = [grid[2 + i * row:2 + i * row + 48, 190:] for i in range(6)]
+    assert torch.equal(tiles[4], tiles[0]) and not torch.equal(tiles[5], tiles[0])
+
+
 def test_eval_sweeps_sag_over_its_layers_one_at_a_time():
     args = build_parser().parse_args(["eval", "--methods", "none,sag", "--sag-layers", "down.1,mid", "--intervals",
                                       "0:0.5,0.5:1", "--out", "unused"])

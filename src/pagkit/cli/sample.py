@@ -13,7 +13,7 @@ from ..io import check_output_file
 from ..layers import layers
 from ..load import SCHEDULERS, load_model, load_scheduler, shipped_models
 from ..methods import METHODS
-from .common import _finite, _layer_list, _pag_options, _positive_int, _random_demo_model, _spacing_option
+from .common import _finite, _floats, _layer_list, _pag_options, _positive_int, _random_demo_model, _spacing_option
 
 
 def add_parser(subparsers) -> None:
@@ -42,6 +42,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", action="append", metavar="FILE",
                    help="a row of a preset's guidance (pagkit tune's OUT/preset.json; repeatable, beside any "
                         "--guidance rows); a preset tuned for another model family is an error")
+    p.add_argument("--strip", type=_floats, default=None, metavar="S,S,...",
+                   help="also a scale strip: one row per PAG scale on --pag-layers (with CFG on a conditional "
+                        "model), the same seeds, so the effect shows growing into oversaturation; ./run demo "
+                        "uses 0,0.5,1,2,3")
     p.add_argument("--class-label", type=int, default=None, help="class for conditional models (default: 0..9)")
     p.add_argument("--out", default="pagkit_samples.png", help="PNG grid to write")
     p.add_argument("--list-layers", action="store_true", help="print the models' layers and exit")
@@ -51,8 +55,24 @@ def add_parser(subparsers) -> None:
 
 
 def _configurations(args, conditional: bool | None) -> list[tuple[str, list]]:
-    """The grid's rows for one model: (label, guidance terms), the unguided row first. ``conditional=None``: the
-    model is not loaded yet (every term is checked, but not whether the model can take CFG)."""
+    """The grid's rows for one model: (label, guidance terms), the unguided row first, then any --strip rows.
+    ``conditional=None``: the model is not loaded yet (every term is checked, but not whether it can take CFG)."""
+    return _rows(args, conditional) + _strip(args, conditional)
+
+
+def _strip(args, conditional: bool | None) -> list[tuple[str, list]]:
+    """PAG at each --strip scale on --pag-layers (after CFG on a conditional model): s = 0 is the unguided row.
+    Of the shipped pair only the unconditional model gets one (one strip shows the effect; two double the time)."""
+    if conditional and not args.model:
+        return []
+    where = ",".join(args.pag_layers)
+    cfg = [G.CFG(args.cfg_scale)] if conditional else []
+    prefix = f"CFG w={args.cfg_scale:g} + " if conditional else ""
+    return [(f"strip: {prefix}PAG s={s:g}\n{where}", cfg + [G.PAG(s, layers=args.pag_layers)])
+            for s in args.strip or []]
+
+
+def _rows(args, conditional: bool | None) -> list[tuple[str, list]]:
     if args.guidance or args.preset:  # the user's rows (pagkit.spec, presets), after the unguided one
         from ..presets import load_preset
         from ..spec import format_spec, label, parse_spec
