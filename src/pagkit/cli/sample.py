@@ -97,6 +97,15 @@ def _rows(args, conditional: bool | None) -> list[tuple[str, list]]:
             (f"SAG s={args.sag_scale:g}\n{args.sag_layer}", [G.SAG(args.sag_scale, layer=args.sag_layer)])]
 
 
+def check_class_label(class_label: int | None, model, title: str, conditional: bool) -> None:
+    """``--class-label`` within a conditional model's classes (the null class named); also the studio's check."""
+    classes = model.config.get("num_class_embeds")
+    if conditional and class_label is not None and classes and not 0 <= class_label < classes:
+        null = f"; {NULL_CLASS} is the null class of CFG" if NULL_CLASS < classes else ""
+        raise ValueError(f"--class-label {class_label} is out of range for {title}: its classes are "
+                         f"0..{classes - 1}{null}")
+
+
 def _jobs(args) -> list[tuple]:
     """(title, model, scheduler, conditional) per model to sample: --model, else the shipped pair."""
     if args.model:
@@ -141,11 +150,7 @@ def run(args) -> None:
     for title, model, scheduler, conditional in jobs:  # check every layer name before spending time sampling
         for _, terms in _configurations(args, conditional):
             GuidedDenoiser(model, terms, scheduler=scheduler)
-        classes = model.config.get("num_class_embeds")
-        if conditional and args.class_label is not None and classes and not 0 <= args.class_label < classes:
-            null = f"; {NULL_CLASS} is the null class of CFG" if NULL_CLASS < classes else ""
-            raise ValueError(f"--class-label {args.class_label} is out of range for {title}: its classes are "
-                             f"0..{classes - 1}{null}")
+        check_class_label(args.class_label, model, title, conditional)
 
     rows = []
     for title, model, scheduler, conditional in jobs:

@@ -27,14 +27,17 @@ from pathlib import Path
 
 import torch
 
+from ..defaults import (DEFAULT_PAG_LAYERS, DEFAULT_PAG_SCALE, DEFAULT_SAG_LAYER, DEFAULT_SAG_SCALE, DEFAULT_SEG_LAYERS,
+                        DEFAULT_SEG_SCALE, DEFAULT_UNCOND, NULL_CLASS)
 from ..load import NEVER_UNPICKLES, PICKLED_SUFFIXES, SCHEDULERS, load_model, load_scheduler, shipped_models
 
 MAX_CONFIGS = 6  # configurations side by side in Compare
 MAX_SEEDS = 32  # columns per row on the page: more belongs in a scripted `pagkit sample` run
 MAX_SCALES = 12  # rows of a scale strip
-DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_SEEDS, DEFAULT_SCHEDULER = "fmnist", 20, 8, "ddim"
-DEFAULT_CONFIGS = ("pag:0.5,layers=down.2", "seg:1,layers=mid", "sag:0.75,layer=mid", "")
-NULL_CLASS = 10  # the shipped conditional model's null class (CFG's ∅), as pagkit sample uses it
+DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_SEEDS, DEFAULT_SCHEDULER = DEFAULT_UNCOND, 20, 8, "ddim"
+DEFAULT_CONFIGS = (f"pag:{DEFAULT_PAG_SCALE:g},layers={'+'.join(DEFAULT_PAG_LAYERS)}",  # pagkit sample's own rows
+                   f"seg:{DEFAULT_SEG_SCALE:g},layers={'+'.join(DEFAULT_SEG_LAYERS)}",
+                   f"sag:{DEFAULT_SAG_SCALE:g},layer={DEFAULT_SAG_LAYER}", "")
 MAX_PNGS = 60  # images shown from one OUT folder
 
 _PARSE_LOCK = threading.Lock()  # redirect_stderr is process-wide
@@ -295,11 +298,8 @@ def _check(args, model_name: str):
     scheduler = load_scheduler(model_name, args.scheduler, args.timestep_spacing)
     for terms in rows:  # every site and scale checked before any sampling, as pagkit sample does
         GuidedDenoiser(model, terms, scheduler=scheduler)
-    classes = model.config.get("num_class_embeds")
-    if conditional and args.class_label is not None and classes and not 0 <= args.class_label < classes:
-        null = f"; {NULL_CLASS} is the null class of CFG" if NULL_CLASS < classes else ""
-        raise ValueError(f"--class-label {args.class_label} is out of range for {args.model}: its classes are "
-                         f"0..{classes - 1}{null}")
+    from ..cli.sample import check_class_label
+    check_class_label(args.class_label, model, args.model, conditional)
     return model, scheduler, rows, conditional
 
 
