@@ -271,3 +271,26 @@ def test_stg_on_a_video_model_caches_and_folds():
     assert rows[0] == 2 * B and not torch.allclose(out, cfg, atol=1e-5)
     with pytest.raises(ValueError, match="rescale cannot be set"):
         pagkit.STG(1.0, layers=[1], fold=True, rescale=0.7)
+
+
+# --- the bench (pagkit bench, docs/bench_gpu.py) ---------------------------------------------------------------
+
+def _tiny_sd15_configs(steps=2):
+    from pagkit import bench
+    unet = models.sd_unet(cross_attention_dim=24)
+    return bench.sd15_configs(steps, batch=1, unet=unet, side=8, text=7)
+
+
+def test_sd15_bench_times_attach_beside_diffusers_and_sample_and_attach_matches_diffusers():
+    from pagkit import bench
+    configs = _tiny_sd15_configs()
+    results = bench.run_interleaved(configs, rounds=1, progress=False)
+    table = bench.report("tiny", results, ["CFG 7.5 (diffusers)", "no guidance (diffusers)"])
+    for row in ("CFG+PAG(mid) diffusers", "CFG+PAG(mid) pagkit", "CFG+PAG(mid) pagkit.attach",
+                "PAG(mid) diffusers", "PAG(mid) pagkit", "PAG(mid) pagkit.attach"):
+        assert f"| {row} |" in table
+    for which in ("CFG+PAG(mid)", "PAG(mid)"):  # same seed, same latents: the tolerance of test_diffusers_reference
+        expected = configs[f"{which} diffusers"]()
+        assert (configs[f"{which} pagkit.attach"]() - expected).abs().max() < 1e-4
+        assert (configs[f"{which} pagkit"]() - expected).abs().max() < 1e-4
+    assert (configs["CFG 7.5 (diffusers)"]() - configs["CFG+PAG(mid) diffusers"]()).abs().max() > 1e-3  # not vacuous
