@@ -294,3 +294,42 @@ def test_sd15_bench_times_attach_beside_diffusers_and_sample_and_attach_matches_
         assert (configs[f"{which} pagkit.attach"]() - expected).abs().max() < 1e-4
         assert (configs[f"{which} pagkit"]() - expected).abs().max() < 1e-4
     assert (configs["CFG 7.5 (diffusers)"]() - configs["CFG+PAG(mid) diffusers"]()).abs().max() > 1e-3  # not vacuous
+
+
+def _bench_gpu():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "docs" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_script_runs_small_on_cpu_and_writes_its_tables(tmp_path, capsys):
+    out = tmp_path / "sub" / "bench_gpu.md"
+    assert _bench_gpu().main(["--small", "--steps", "1", "--rounds", "1", "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# `python docs/bench_gpu.py --small") and "Hardware: CPU" in text
+    assert "torch " + torch.__version__ in text and "diffusers " in text and "torch.float32" in text
+    for row in ("CFG 7.5 (diffusers)", "CFG+PAG(mid) diffusers", "CFG+PAG(mid) pagkit", "CFG+PAG(mid) pagkit.attach",
+                "PAG(mid) diffusers", "PAG(mid) pagkit", "PAG(mid) pagkit.attach", "no guidance",
+                "PAG(block 1 of 4) pagkit, no sharing", "PAG(block 1 of 4) pagkit"):
+        assert f"| {row} |" in text, row
+    assert [p.name for p in out.parent.iterdir()] == ["bench_gpu.md"]  # atomic: no temporary left
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+    (["--device", "tpu0"], "--device tpu0: not a torch device"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--out", "{tmp}"], "is a folder"),
+])
+def test_bench_gpu_script_refuses_bad_input_in_one_line(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = ["--out", str(tmp_path / "b.md")] if "--out" not in argv else []
+    assert _bench_gpu().main(["--device", "cpu", *argv, *out] if "--device" not in argv else argv + out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench_gpu: error: ") and words in err
+    assert not (tmp_path / "b.md").exists()

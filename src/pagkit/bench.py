@@ -30,6 +30,12 @@ def sd15_shaped_unet(seed: int = 0):
         cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32).eval()
 
 
+def _on(model, device, dtype):
+    """``model`` on ``device`` in ``dtype``; not cast when it already is (diffusers warns at every cast)."""
+    p = next(model.parameters())
+    return model if (p.device, p.dtype) == (torch.device(device), dtype) else model.to(device, dtype)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -113,7 +119,7 @@ def sd15_configs(steps: int, batch: int = 1, unet=None, side: int = 32, text: in
     its output (the pipelines' ``.images`` are latents), so a test can compare them."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPAGPipeline, StableDiffusionPipeline
     from .pipelines import attach
-    unet = (unet if unet is not None else sd15_shaped_unet()).to(device, dtype)
+    unet = _on(unet if unet is not None else sd15_shaped_unet(), device, dtype)
     # output_type="latent" never decodes: the VAE is only there because the pipelines require one
     vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).to(device, dtype)
@@ -201,7 +207,7 @@ def flux_configs(steps: int, side: int = 32, text: int = 64, model=None, depths=
     distilled-guidance input 3.5.
     """
     from .denoise import GuidedDenoiser
-    model = (model if model is not None else flux_shaped_transformer()).to(device, dtype)
+    model = _on(model if model is not None else flux_shaped_transformer(), device, dtype)
     g = torch.Generator().manual_seed(0)
     ids = torch.zeros(side, side, 3)
     ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
