@@ -5,8 +5,8 @@ On a GPU machine, from the repository root (torch with CUDA, diffusers, pagkit i
     python docs/bench_gpu.py --device cuda --out docs/bench_gpu.md
 
 It needs roughly 30 GB of GPU memory (the Flux-sized transformer's ~12B bfloat16 weights, built on the device in
-that dtype, plus activations); `--model sd15` alone needs a few GB. As a smoke test on CPU, tiny configurations, a few seconds
-(tests/test_cost.py runs exactly this, so the script cannot rot):
+that dtype, plus activations); `--model sd15` alone needs a few GB. As a smoke test on CPU, tiny configurations,
+a few seconds (tests/test_cost.py runs exactly this, so the script cannot rot):
 
     python docs/bench_gpu.py --small --steps 1 --rounds 1 --device cpu --out /tmp/bench_gpu.md
 

@@ -1,4 +1,5 @@
-"""Side-by-side cost of guidance: diffusers' PAG pipeline against pagkit, interleaved rounds, medians.
+"""Side-by-side cost of guidance: diffusers' PAG pipeline against pagkit (``sample`` and ``attach``), interleaved
+rounds, medians. ``docs/bench_gpu.py`` runs the same harness at full size on an accelerator.
 
 Every configuration samples the same number of steps from the same noise; the
 rounds interleave the configurations, so drifts of the machine hit them all
@@ -122,7 +123,8 @@ def sd15_configs(steps: int, batch: int = 1, unet=None, side: int = 32, text: in
     unet = _on(unet if unet is not None else sd15_shaped_unet(), device, dtype)
     # output_type="latent" never decodes: the VAE is only there because the pipelines require one
     vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).to(device, dtype)
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae = _on(vae, device, dtype)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     common = dict(unet=unet, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None, safety_checker=None,
