@@ -271,3 +271,65 @@ def test_stg_on_a_video_model_caches_and_folds():
     assert rows[0] == 2 * B and not torch.allclose(out, cfg, atol=1e-5)
     with pytest.raises(ValueError, match="rescale cannot be set"):
         pagkit.STG(1.0, layers=[1], fold=True, rescale=0.7)
+
+
+# --- the bench (pagkit bench, docs/bench_gpu.py) ---------------------------------------------------------------
+
+def _tiny_sd15_configs(steps=2):
+    from pagkit import bench
+    unet = models.sd_unet(cross_attention_dim=24)
+    return bench.sd15_configs(steps, batch=1, unet=unet, side=8, text=7)
+
+
+def test_sd15_bench_times_attach_beside_diffusers_and_sample_and_attach_matches_diffusers():
+    from pagkit import bench
+    configs = _tiny_sd15_configs()
+    results = bench.run_interleaved(configs, rounds=1, progress=False)
+    table = bench.report("tiny", results, ["CFG 7.5 (diffusers)", "no guidance (diffusers)"])
+    for row in ("CFG+PAG(mid) diffusers", "CFG+PAG(mid) pagkit", "CFG+PAG(mid) pagkit.attach",
+                "PAG(mid) diffusers", "PAG(mid) pagkit", "PAG(mid) pagkit.attach"):
+        assert f"| {row} |" in table
+    for which in ("CFG+PAG(mid)", "PAG(mid)"):  # same seed, same latents: the tolerance of test_diffusers_reference
+        expected = configs[f"{which} diffusers"]()
+        assert (configs[f"{which} pagkit.attach"]() - expected).abs().max() < 1e-4
+        assert (configs[f"{which} pagkit"]() - expected).abs().max() < 1e-4
+    assert (configs["CFG 7.5 (diffusers)"]() - configs["CFG+PAG(mid) diffusers"]()).abs().max() > 1e-3  # not vacuous
+
+
+def _bench_gpu():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "docs" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_script_runs_small_on_cpu_and_writes_its_tables(tmp_path, capsys):
+    out = tmp_path / "sub" / "bench_gpu.md"
+    assert _bench_gpu().main(["--small", "--steps", "1", "--rounds", "1", "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# `python docs/bench_gpu.py --small") and "Hardware: CPU" in text
+    assert "torch " + torch.__version__ in text and "diffusers " in text and "torch.float32" in text
+    for row in ("CFG 7.5 (diffusers)", "CFG+PAG(mid) diffusers", "CFG+PAG(mid) pagkit", "CFG+PAG(mid) pagkit.attach",
+                "PAG(mid) diffusers", "PAG(mid) pagkit", "PAG(mid) pagkit.attach", "no guidance",
+                "PAG(block 1 of 4) pagkit, no sharing", "PAG(block 1 of 4) pagkit"):
+        assert f"| {row} |" in text, row
+    assert [p.name for p in out.parent.iterdir()] == ["bench_gpu.md"]  # atomic: no temporary left
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--device", "cuda"], "--device cuda: CUDA is not available here"),
+    (["--device", "tpu0"], "--device tpu0: not a torch device"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--out", "{tmp}"], "is a folder"),
+])
+def test_bench_gpu_script_refuses_bad_input_in_one_line(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = ["--out", str(tmp_path / "b.md")] if "--out" not in argv else []
+    assert _bench_gpu().main(["--device", "cpu", *argv, *out] if "--device" not in argv else argv + out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench_gpu: error: ") and words in err
+    assert not (tmp_path / "b.md").exists()

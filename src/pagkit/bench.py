@@ -1,4 +1,5 @@
-"""Side-by-side cost of guidance: diffusers' PAG pipeline against pagkit, interleaved rounds, medians.
+"""Side-by-side cost of guidance: diffusers' PAG pipeline against pagkit (``sample`` and ``attach``), interleaved
+rounds, medians. ``docs/bench_gpu.py`` runs the same harness at full size on an accelerator.
 
 Every configuration samples the same number of steps from the same noise; the
 rounds interleave the configurations, so drifts of the machine hit them all
@@ -30,15 +31,34 @@ def sd15_shaped_unet(seed: int = 0):
         cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32).eval()
 
 
+def _on(model, device, dtype):
+    """``model`` on ``device`` in ``dtype``; not cast when it already is (diffusers warns at every cast)."""
+    p = next(model.parameters())
+    return model if (p.device, p.dtype) == (torch.device(device), dtype) else model.to(device, dtype)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
 
+def _is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 class PeakMemory:
-    """Largest rise of resident memory while the block runs (CPU); CUDA's own peak counter on GPUs."""
+    """Largest rise of resident memory while the block runs (CPU); CUDA's own peak counter on a CUDA device."""
+
+    def __init__(self, device="cpu"):
+        self.cuda = _is_cuda(device)
+        self.device = device
 
     def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
         self.base = self.peak = _rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -50,6 +70,11 @@ class PeakMemory:
             self.peak = max(self.peak, _rss_bytes())
 
     def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.rise = self.peak - self.base
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
@@ -67,15 +92,19 @@ class Result:
         return statistics.median(self.seconds)
 
 
-def run_interleaved(configs: dict[str, Callable[[], None]], rounds: int, progress: bool = True) -> dict[str, Result]:
+def run_interleaved(configs: dict[str, Callable[[], object]], rounds: int, progress: bool = True,
+                    device="cpu") -> dict[str, Result]:
+    """On a CUDA ``device`` the clock stops only after the device has finished (kernels run asynchronously)."""
     results = {name: Result(name, [], []) for name in configs}
+    sync = (lambda: torch.cuda.synchronize(device)) if _is_cuda(device) else (lambda: None)
     for name, fn in configs.items():  # warm-up, not timed
         fn()
     for r in range(rounds):
         for name, fn in configs.items():
-            with PeakMemory() as mem:
+            with PeakMemory(device) as mem:
                 start = time.perf_counter()
                 fn()
+                sync()
                 seconds = time.perf_counter() - start
             results[name].seconds.append(seconds)
             results[name].memory_rise.append(mem.rise)
@@ -84,12 +113,18 @@ def run_interleaved(configs: dict[str, Callable[[], None]], rounds: int, progres
     return results
 
 
-def sd15_configs(steps: int, batch: int = 1) -> dict[str, Callable[[], None]]:
-    from diffusers import DDIMScheduler, StableDiffusionPAGPipeline, StableDiffusionPipeline
-    unet = sd15_shaped_unet()
-    from diffusers import AutoencoderKL
+def sd15_configs(steps: int, batch: int = 1, unet=None, side: int = 32, text: int = 77, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, Callable[[], object]]:
+    """diffusers' PAG pipeline, ``pagkit.sample`` and ``pagkit.attach`` on a plain StableDiffusionPipeline, all
+    on the same UNet, scheduler, embeddings (no text encoder) and side×side latents. Each configuration returns
+    its output (the pipelines' ``.images`` are latents), so a test can compare them."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPAGPipeline, StableDiffusionPipeline
+    from .pipelines import attach
+    unet = _on(unet if unet is not None else sd15_shaped_unet(), device, dtype)
+    # output_type="latent" never decodes: the VAE is only there because the pipelines require one
     vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae = _on(vae, device, dtype)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     common = dict(unet=unet, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None, safety_checker=None,
@@ -99,29 +134,39 @@ def sd15_configs(steps: int, batch: int = 1) -> dict[str, Callable[[], None]]:
     for p in (pipe, pag_pipe):
         p.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
-    emb, neg = torch.randn(batch, 77, 768, generator=g), torch.randn(batch, 77, 768, generator=g)
-    latents = torch.randn(batch, 4, 32, 32, generator=g)
+    dim = unet.config.cross_attention_dim
+    emb, neg = (torch.randn(batch, text, dim, generator=g).to(device, dtype) for _ in range(2))
+    latents = torch.randn(batch, unet.config.in_channels, side, side, generator=g).to(device, dtype)
+    # height/width only pass the pipelines' checks (divisible by 8): the latents given fix the size
     call = dict(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, output_type="latent",
-                height=256, width=256, latents=latents)
+                height=8 * side, width=8 * side, latents=latents)
 
     def ours(terms, share=True):
         def run():
-            sample(unet, scheduler, batch_size=batch, num_inference_steps=steps, guidance=terms, latents=latents,
-                   encoder_hidden_states=emb, negative_encoder_hidden_states=neg, progress_bar=False,
-                   prefix_sharing=share)
+            return sample(unet, scheduler, batch_size=batch, num_inference_steps=steps, guidance=terms,
+                          latents=latents, encoder_hidden_states=emb, negative_encoder_hidden_states=neg,
+                          progress_bar=False, prefix_sharing=share)
+        return run
+
+    def attached(w):
+        def run():
+            with attach(pipe, G.PAG(3.0, layers="mid")):  # entering and leaving are part of what a user pays
+                return pipe(**call, guidance_scale=w).images
         return run
 
     return {
-        "no guidance (diffusers)": lambda: pipe(**call, guidance_scale=1.0),
-        "CFG 7.5 (diffusers)": lambda: pipe(**call, guidance_scale=7.5),
-        "CFG+PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=7.5, pag_scale=3.0),
-        "PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=1.0, pag_scale=3.0),
+        "no guidance (diffusers)": lambda: pipe(**call, guidance_scale=1.0).images,
+        "CFG 7.5 (diffusers)": lambda: pipe(**call, guidance_scale=7.5).images,
+        "CFG+PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=7.5, pag_scale=3.0).images,
+        "PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=1.0, pag_scale=3.0).images,
         "CFG 7.5 pagkit": ours([G.CFG(7.5)]),
         "CFG+PAG(mid) pagkit, no sharing": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")], share=False),
         "CFG+PAG(mid) pagkit": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")]),
         "PAG(mid) pagkit, no sharing": ours([G.PAG(3.0, layers="mid")], share=False),
         "PAG(mid) pagkit": ours([G.PAG(3.0, layers="mid")]),
         "PAG(mid) pagkit, first half only": ours([G.PAG(3.0, layers="mid", stop=0.5)]),
+        "CFG+PAG(mid) pagkit.attach": attached(7.5),
+        "PAG(mid) pagkit.attach": attached(1.0),
     }
 
 
@@ -153,22 +198,28 @@ def flux_shaped_transformer(seed: int = 0, **overrides):
     return FluxTransformer2DModel(patch_size=1, **{**FLUX_SHAPE, **overrides}).eval()
 
 
-def flux_configs(steps: int, side: int = 32, text: int = 64, model=None) -> tuple[dict[str, Callable[[], None]], dict]:
+def flux_configs(steps: int, side: int = 32, text: int = 64, model=None, depths=None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> tuple[dict[str, Callable[[], None]], dict]:
     """PAG on one block at depth d of n, with and without prefix sharing, against no guidance.
 
     Each configuration runs ``steps`` guided predictions on packed latents of side×side tokens and ``text``
     text tokens. Returns the configurations and, per PAG configuration, the exact-result limit (n − d)/n: the
     share of a forward that the perturbed row must recompute when the d blocks before it are shared.
+    ``depths`` (default n/4, n/2, n − 1) picks the blocks; a model with ``guidance_embeds`` (Flux-dev) gets the
+    distilled-guidance input 3.5.
     """
     from .denoise import GuidedDenoiser
-    model = model if model is not None else flux_shaped_transformer()
+    model = _on(model if model is not None else flux_shaped_transformer(), device, dtype)
     g = torch.Generator().manual_seed(0)
     ids = torch.zeros(side, side, 3)
     ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
-    x = torch.randn(1, side * side, model.config.in_channels, generator=g)
+    x = torch.randn(1, side * side, model.config.in_channels, generator=g).to(device, dtype)
     cond = dict(encoder_hidden_states=torch.randn(1, text, model.config.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
-                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3))
+                pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g))
+    cond = {k: v.to(device, dtype) for k, v in cond.items()}
+    cond.update(img_ids=ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(text, 3, device=device))
+    if model.config.guidance_embeds:
+        cond["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
     blocks = [f"transformer_blocks.{i}.attn" for i in range(len(model.transformer_blocks))] + \
         [f"single_transformer_blocks.{i}.attn" for i in range(len(model.single_transformer_blocks))]
     n = len(blocks)
@@ -179,11 +230,12 @@ def flux_configs(steps: int, side: int = 32, text: int = 64, model=None) -> tupl
         @torch.no_grad()
         def go():
             for i in range(steps):
-                denoiser.predict(x, torch.tensor([1.0 - i / steps]), cond, progress=i / steps)
+                denoiser.predict(x, torch.tensor([1.0 - i / steps], device=device, dtype=dtype), cond,
+                                 progress=i / steps)
         return go
 
     configs, limits = {"no guidance": run([])}, {}
-    for d in (n // 4, n // 2, n - 1):
+    for d in depths if depths is not None else (n // 4, n // 2, n - 1):
         name = f"PAG(block {d} of {n})"
         configs[f"{name} pagkit, no sharing"] = run([G.PAG(3.0, layers=blocks[d])], share=False)
         configs[f"{name} pagkit"] = run([G.PAG(3.0, layers=blocks[d])])
@@ -234,13 +286,13 @@ def wan_configs(steps: int, latent: tuple[int, int, int] = WAN_LATENT, text: int
     return configs, limits
 
 
-def report(title: str, results: dict[str, Result], baselines: list[str], limits: dict[str, float] | None = None
-           ) -> str:
+def report(title: str, results: dict[str, Result], baselines: list[str], limits: dict[str, float] | None = None,
+           memory: str = "peak RSS rise MB") -> str:
     """A markdown table of medians and ratios; with ``limits``, also the extra cost over the first baseline
     (in forwards) beside its exact-result limit."""
     extra = ["extra ÷ forward", "limit (n − d)/n"] if limits else []
     lines = [f"### {title}", "", "| configuration | median s | " + " | ".join([f"÷ {b}" for b in baselines] + extra)
-             + " | peak RSS rise MB |", "|---|---:|" + "---:|" * (len(baselines) + len(extra)) + "---:|"]
+             + f" | {memory} |", "|---|---:|" + "---:|" * (len(baselines) + len(extra)) + "---:|"]
     for name, res in results.items():
         cells = [f"{res.median / results[b].median:.2f}" for b in baselines]
         if limits:
