@@ -29,6 +29,15 @@ CSS = """
 """
 
 
+
+def _run_controls(label: str, tab: str, go_id: str | None = None, cancel_id: str | None = None):
+    """A tab's run button and Cancel in one row, then its error and progress panes (ids ``<tab>-error``,
+    ``<tab>-progress``; the run button ``<tab>-generate`` unless named)."""
+    with gr.Row():
+        go = gr.Button(label, variant="primary", elem_id=go_id or f"{tab}-generate")
+        cancel = gr.Button("Cancel", variant="stop", elem_id=cancel_id)
+    return go, cancel, gr.HTML(elem_id=f"{tab}-error"), gr.HTML(elem_id=f"{tab}-progress")
+
 def _bars(labels: list[str], done: dict[int, tuple[int, int]], steps: int, note: str = "") -> str:
     """One progress bar per row (configuration) of the running grid."""
     cells = []
@@ -131,11 +140,8 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                                 configs.append(gr.Textbox(default, label=f"Configuration {i + 1}",
                                                           placeholder="pag:1,layers=mid  or  runs/tune/preset.json",
                                                           elem_id=f"config-{i}"))
-                with gr.Row():
-                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                compare_error = gr.HTML(elem_id="compare-error")
-                compare_progress = gr.HTML(elem_id="compare-progress")
+                generate, cancel, compare_error, compare_progress = _run_controls("Generate", "compare",
+                                                                                  go_id="generate", cancel_id="cancel")
                 gr.Markdown("Rows: configurations, with seconds per image in each label; columns: the same seeds.")
                 compare_grid = gr.Image(type="pil", format="png", interactive=False, elem_id="compare-grid",
                                         show_label=False)
@@ -152,11 +158,7 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                     strip_spec = gr.Textbox("pag:1,layers=mid", label="Method", elem_id="strip-spec")
                     strip_scales = gr.Textbox("0.5:8:5", label="Scales: a,b,c or start:stop:count",
                                               elem_id="strip-scales")
-                with gr.Row():
-                    strip_go = gr.Button("Draw the strip", variant="primary", elem_id="strip-generate")
-                    strip_cancel = gr.Button("Cancel", variant="stop")
-                strip_error = gr.HTML(elem_id="strip-error")
-                strip_progress = gr.HTML(elem_id="strip-progress")
+                strip_go, strip_cancel, strip_error, strip_progress = _run_controls("Draw the strip", "strip")
                 gr.Markdown("Rows: scales; columns: the same seeds.")
                 strip_grid = gr.Image(type="pil", format="png", interactive=False, elem_id="strip-grid",
                                       show_label=False)
@@ -173,11 +175,8 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                                             elem_id="sites-spec")
                     target = gr.Dropdown([str(i + 1) for i in range(core.MAX_CONFIGS)], value="1",
                                          label="A click puts the site into configuration", elem_id="sites-target")
-                with gr.Row():
-                    sites_go = gr.Button("Draw one column per site", variant="primary", elem_id="sites-generate")
-                    sites_cancel = gr.Button("Cancel", variant="stop")
-                sites_error = gr.HTML(elem_id="sites-error")
-                sites_progress = gr.HTML(elem_id="sites-progress")
+                sites_go, sites_cancel, sites_error, sites_progress = _run_controls("Draw one column per site",
+                                                                                    "sites")
                 gr.Markdown("One column per site (the unguided one first), the same seeds top to bottom; click one.")
                 sites_grid = gr.Image(type="pil", format="png", interactive=False, show_label=False,
                                       elem_id="sites-grid")
