@@ -35,6 +35,11 @@ _COND_FIRST = ("DiTPipeline", "ZImagePipeline", "ZImageImg2ImgPipeline", "ZImage
 _CFG_PLUS_ONE = _COND_FIRST[1:]
 
 
+def _scalar(timestep) -> float:
+    """A call's timestep as one number (a tensor holds the same t for every row)."""
+    return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+
+
 def _pipeline_cfg_scale(pipe, call_args: dict, timestep=None) -> float | None:
     """The scale of the CFG the pipeline applies to a [∅; c] batch at ``timestep`` (the scheduler's), or None.
 
@@ -47,9 +52,6 @@ def _pipeline_cfg_scale(pipe, call_args: dict, timestep=None) -> float | None:
     """
     if call_args.get("use_dynamic_cfg") and timestep is not None:
         return _dynamic_cfg_scale(pipe, call_args, timestep)
-    if call_args.get("cfg_normalization"):
-        raise ValueError(f"{type(pipe).__name__}'s cfg_normalization clamps the guided prediction to a multiple of "
-                         "‖ε_c‖, which pagkit's terms change: set cfg_normalization=False under pagkit.attach")
     if _truncated_cfg(call_args, timestep):
         return None  # this step runs one plain batch
     try:
@@ -63,14 +65,25 @@ def _pipeline_cfg_scale(pipe, call_args: dict, timestep=None) -> float | None:
         return float(w) if w is not None and w > 1.0 else None
 
 
+def _check_call(pipe, call_args: dict) -> None:
+    """The arguments of a pipeline call that pagkit's terms cannot be added under, refused before its first step."""
+    if call_args.get("cfg_normalization"):
+        raise ValueError(f"{type(pipe).__name__}'s cfg_normalization clamps the guided prediction to a multiple of "
+                         "‖ε_c‖, which pagkit's terms change: set cfg_normalization=False under pagkit.attach")
+    if _AudioVideoStreams.guides(getattr(pipe, "transformer", None)) and (
+            (call_args.get("guidance_rescale") or 0) > 0 or (call_args.get("audio_guidance_rescale") or 0) > 0):
+        raise ValueError("LTX2Pipeline's guidance_rescale (0.7 by default) rescales towards the std of x̂₀_c, "
+                         "which pagkit's terms change: pass guidance_rescale=0 and audio_guidance_rescale=0 "
+                         "under pagkit.attach")
+
+
 def _truncated_cfg(call_args: dict, timestep) -> bool:
     """Z-Image's ``cfg_truncation`` c ≤ 1: steps whose (1000 − T)/1000 exceeds c run without CFG (the pipeline's
     rule, on the scheduler timestep T)."""
     c = call_args.get("cfg_truncation")
     if c is None or float(c) > 1 or timestep is None:
         return False
-    t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-    return (1000 - t) / 1000 > float(c)
+    return (1000 - _scalar(timestep)) / 1000 > float(c)
 
 
 def _dynamic_cfg_scale(pipe, call_args: dict, timestep) -> float | None:
@@ -81,7 +94,7 @@ def _dynamic_cfg_scale(pipe, call_args: dict, timestep) -> float | None:
     g = float(call_args["guidance_scale"])
     if g <= 1.0:
         return None
-    n, t = pipe._num_timesteps, float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+    n, t = pipe._num_timesteps, _scalar(timestep)
     return 1 + g * ((1 - math.cos(math.pi * ((n - t) / n) ** 5.0)) / 2)
 
 
@@ -131,7 +144,7 @@ def _progress(pipe, timestep, divisor: float = 1.0) -> float:
 
     ``divisor``: what the pipeline divided the scheduler's timestep by before calling the model (Flux: 1000).
     """
-    t = (float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)) * divisor
+    t = _scalar(timestep) * divisor
     timesteps = getattr(pipe.scheduler, "timesteps", None)
     if timesteps is not None and len(timesteps):
         hits = (timesteps.float() - t).abs().argmin()
@@ -179,6 +192,11 @@ class _AudioVideoStreams:
 
     plain_contexts = ("uncond_stg", "uncond_modality")
 
+    @staticmethod
+    def guides(model) -> bool:
+        """Whether ``model`` predicts (video, audio) as LTX-2 does."""
+        return type(model).__name__ == "LTX2VideoTransformer3DModel"
+
     def __init__(self, pipe, model, terms):
         if type(pipe).__name__ not in _LTX2_PIPELINES:
             raise ValueError(f"pagkit.attach on LTX-2 supports {', '.join(_LTX2_PIPELINES)}; "
@@ -200,11 +218,7 @@ class _AudioVideoStreams:
 
     def divisors(self, x, inputs) -> tuple[torch.Tensor, bool]:
         """The (1, N·C + T·C_a) per-stream factors on x̂₀_c, and whether this call is a [∅; c] CFG batch."""
-        p = self.pipe
-        if p.guidance_rescale > 0 or p.audio_guidance_rescale > 0:
-            raise ValueError("LTX2Pipeline's guidance_rescale (0.7 by default) rescales towards the std of x̂₀_c, "
-                             "which pagkit's terms change: pass guidance_rescale=0 and audio_guidance_rescale=0 "
-                             "under pagkit.attach")
+        p = self.pipe  # its guidance_rescale was refused at the call's start (_check_call)
         cfg, stg, mod = (p.do_classifier_free_guidance, p.do_spatio_temporal_guidance,
                          p.do_modality_isolation_guidance)
 
@@ -266,7 +280,11 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     try:
         for expert, cfg_scale in experts:
             wrapped.append(_wrap_denoiser(pipe, expert, terms, guidance_rescale, call_args, cfg_scale))
-        with _recording_call_arguments(pipe, call_args, on_call=lambda: [w.new_run() for w in wrapped]):
+        def on_call():
+            _check_call(pipe, call_args)
+            for w in wrapped:
+                w.new_run()
+        with _recording_call_arguments(pipe, call_args, on_call=on_call):
             yield pipe
     finally:
         for w in reversed(wrapped):
@@ -287,7 +305,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
     original_forward = model.forward
     signature = inspect.signature(original_forward)
     needs_scheduler = any(t.needs_scheduler for t in terms)
-    streams = _AudioVideoStreams(pipe, model, terms) if type(model).__name__ == "LTX2VideoTransformer3DModel" else None
+    streams = _AudioVideoStreams(pipe, model, terms) if _AudioVideoStreams.guides(model) else None
     denoiser = GuidedDenoiser(model, terms, scheduler=pipe.scheduler if needs_scheduler else None,
                               guidance_rescale=guidance_rescale,
                               forward=original_forward if streams is None else streams.packed(original_forward))
@@ -315,7 +333,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         if w_separate is not None:
             # which call of the step this is: the pipeline's cache_context names it; without one, the
             # conditional call comes first at each timestep (FluxPipeline, QwenImagePipeline)
-            t_now = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+            t_now = _scalar(t)
             step["calls"] = step["calls"] + 1 if step.get("t") == t_now else 0
             step["t"] = t_now
             name = context.get("name") or ("uncond" if step["calls"] % 2 else "cond")
