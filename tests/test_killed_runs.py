@@ -44,7 +44,13 @@ TRAIN_ARGS = ["train", "--size", "tiny", "--max-steps", "12", "--batch-size", "4
 
 
 def _finished(out: Path) -> int:
-    return sum(1 for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp") and p.name != io.LOCK_NAME)
+    # os.walk, not rglob: the child renames half-written folders (``.ema-25pct.tmp`` -> ``ema-25pct``) while we
+    # count, and os.walk skips a folder that vanished under it where rglob raises.
+    count = 0
+    for _, dirs, files in os.walk(out):
+        dirs[:] = [d for d in dirs if not d.endswith(".tmp")]  # a half-written snapshot is not finished
+        count += sum(1 for name in files if not name.endswith(".tmp") and name != io.LOCK_NAME)
+    return count
 
 
 def _cli_child(argv):
