@@ -18,5 +18,7 @@ DEFAULT_SAG_LAYER = "mid"
 DEFAULT_SAG_SCALE = 0.75  # diffusers' default; no SAG scale helped on the map (table 7)
 DEFAULT_CFG_SCALE = 1.5  # w=3 oversaturates fmnist-cond (FD 49 -> 164); w=1.5 lowers FD
 
-# pagkit restore's PAG scale (on DEFAULT_PAG_LAYERS), chosen on test images 9000-9099 by docs/tune_restore.py
+# pagkit restore's PAG setting, chosen on test images 9000-9099 by docs/tune_restore.py (its scale search ran on
+# down.2, so the restoration layers are their own setting: re-choosing the sampling layers does not move them)
+DEFAULT_RESTORE_PAG_LAYERS = ["down.2"]
 DEFAULT_RESTORE_PAG_SCALE = 1.0

@@ -89,11 +89,11 @@ def _layer_sets(text: str) -> list[list[str]]:
     return [_layer_list(group) for group in text.split(";")]
 
 
-def _pag_options(p, scale: float = DEFAULT_PAG_SCALE) -> None:
+def _pag_options(p, scale: float = DEFAULT_PAG_SCALE, layers: list[str] = DEFAULT_PAG_LAYERS) -> None:
     p.add_argument("--pag-scale", type=_finite, default=scale,
                    help=f"PAG s, the paper's convention (0 = off; default {scale:g})")
-    p.add_argument("--pag-layers", type=_layer_list, default=DEFAULT_PAG_LAYERS,
-                   help="comma-separated layer names/aliases (default: down.2, the 8x8 encoder attention)")
+    p.add_argument("--pag-layers", type=_layer_list, default=layers,
+                   help=f"comma-separated layer names/aliases (default: {','.join(layers)})")
 
 
 def _spacing_option(p) -> None:

@@ -12,7 +12,7 @@ from .. import guidance as G
 from .. import io
 from .. import restore as R
 from ..data import read_images
-from ..defaults import DEFAULT_RESTORE_PAG_SCALE, DEFAULT_UNCOND
+from ..defaults import DEFAULT_RESTORE_PAG_LAYERS, DEFAULT_RESTORE_PAG_SCALE, DEFAULT_UNCOND
 from ..io import check_output_folder
 from ..load import SCHEDULERS, load_model, load_scheduler
 from ..restore import DEFAULT_STEP_SIZE, TASKS
@@ -64,7 +64,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eta", type=_nonnegative, default=1.0, help="DDIM's η (default 1: ancestral, as DPS)")
     p.add_argument("--step-size", type=_nonnegative, default=DEFAULT_STEP_SIZE,
                    help=f"DPS's ζ (default {DEFAULT_STEP_SIZE:g}; 0 = no data consistency)")
-    _pag_options(p, scale=DEFAULT_RESTORE_PAG_SCALE)
+    _pag_options(p, scale=DEFAULT_RESTORE_PAG_SCALE, layers=DEFAULT_RESTORE_PAG_LAYERS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=50)
     for option in OPERATOR_OPTIONS:
