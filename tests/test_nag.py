@@ -334,7 +334,7 @@ def _flux_reference(model, x, t, cond, negative, layers="all", phi=PHI, tau=TAU,
 def test_flux_nag_equals_the_official_flux_processors(batch, layers):
     """Flux.1 (double- and single-stream attention) against the official Flux NAG code, with the family's default
     α = 0.25, pagkit's L1 norm (the official Flux file's L2 is a measurably different result) and the positive
-    pooled embedding in the negative rows (see ``_flux_reference``)."""
+    pooled embedding in the negative rows (see ``_flux_reference``), also when ``negative=None`` finds one in uncond."""
     model = models.flux()
     x, t, cond = models.flux_inputs(batch=batch)
     negative = torch.randn(batch, 5, 24, generator=torch.Generator().manual_seed(7))
@@ -352,6 +352,11 @@ def test_flux_nag_equals_the_official_flux_processors(batch, layers):
             [f"single_transformer_blocks.{i}.attn" for i in range(2)] and bound.alpha == 0.25
         l2 = _flux_reference(model, x, t, cond, negative, norm_p=2)
         assert (l2 - reference).abs().max() > 1e-4
+        # negative=None reads the text of uncond only: its pooled embedding does not reach the negative rows
+        uncond = {**cond, "encoder_hidden_states": negative, "pooled_projections": torch.randn_like(
+            cond["pooled_projections"])}
+        from_uncond = GuidedDenoiser(model, [pagkit.NAG(PHI)]).predict(x, t, cond, uncond, progress=0.0)
+        assert torch.equal(from_uncond, ours)
 
 
 @pytest.mark.parametrize("family", ["unet", "sd3", "flux"])
