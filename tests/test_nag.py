@@ -1,6 +1,7 @@
 """NAG (normalized attention guidance): pagkit's batched negative branch against the official design, written
-independently here, on a tiny SD-shaped and SDXL-shaped UNet (cross-attention), SD3 / SD3.5 (joint attention)
-and Wan (video cross-attention); neutral scale, schedule, one batched forward, restore, errors.
+independently here, on a tiny SD-shaped and SDXL-shaped UNet (cross-attention), SD3 / SD3.5 (joint attention),
+Flux.1 (double- and single-stream attention, the official Flux processors line by line) and Wan (video
+cross-attention); neutral scale, schedule, one batched forward, restore, errors.
 
 The official design (ChenDarYen/Normalized-Attention-Guidance: nag/pipeline_sdxl_nag.py @ 8f2aa4f,
 src/attention_flux_nag.py and src/pipeline_flux_nag.py @ 69159ca) runs the model on the positive rows only and
@@ -12,6 +13,8 @@ official code), so they share no code with pagkit's routing.
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
 
 import models
 import pagkit
@@ -23,8 +26,9 @@ PHI, TAU, ALPHA = 3.0, 2.5, 0.5
 
 
 def official_mix(zp, zn, phi, tau, alpha):
-    """The official processors' arithmetic on (B, S, heads·d) (src/attention_flux_nag.py @ 69159ca, with the L1
-    norm of the paper and of the later SDXL/SD3/Wan processors instead of that file's L2); nag_scale = φ + 1."""
+    """The official processors' arithmetic on (B, S, heads·d) (src/attention_flux_nag.py @ 69159ca, lines 135-142,
+    with the L1 norm of the paper and of the later SDXL/SD3/Wan processors instead of that file's L2, as pagkit
+    documents; ``FluxNAG`` below follows that file whole); nag_scale = φ + 1."""
     nag_scale = phi + 1
     guidance = zp * nag_scale - zn * (nag_scale - 1)
     norm_positive = torch.norm(zp, p=1, dim=-1, keepdim=True).expand(*zp.shape)
@@ -205,6 +209,154 @@ def test_wan_cross_attention_nag_equals_the_official_design():
                                  lambda: model(hidden_states=x, timestep=t, **inputs).sample)
     assert (reference - model(hidden_states=x, timestep=t, **cond).sample).abs().max() > 1e-3
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+class FluxNAG:
+    """``NAGFluxAttnProcessor2_0.__call__`` (src/attention_flux_nag.py @ 69159ca, lines 28-176), line by line, on a
+    diffusers ``FluxAttention``. Double-stream blocks: image rows B, text rows [c; c⁻]; the image q, k, v are tiled
+    (lines 51-54) so both texts attend with the same image tokens, [text; image] per half (90-92), one rotary table
+    for both (100-102: the negative text sits at the positive text's positions), the image outputs mixed after the
+    SDPA and before ``to_out`` (129-149), each text keeps its own output (144, 151). Single-stream blocks: rows
+    [[c; x]; [c⁻; x⁻]], each half attends on its own, the image tokens of both halves get the one mix (156-174),
+    text tokens keep theirs. ``norm_p``: the file's norm is L2 (lines 136-137, 162-163); pagkit follows the paper
+    and the later official processors with L1 (its documented choice), which ``norm_p=1`` tests."""
+
+    def __init__(self, phi, tau, alpha, encoder_hidden_states_length, norm_p=1):
+        self.nag_scale, self.nag_tau, self.nag_alpha = phi + 1, tau, alpha  # nag_scale = φ + 1
+        self.encoder_hidden_states_length, self.p = encoder_hidden_states_length, norm_p
+
+    def _guide(self, positive, negative):  # lines 135-142 (and 161-170)
+        guidance = positive * self.nag_scale - negative * (self.nag_scale - 1)
+        norm_positive = torch.norm(positive, p=self.p, dim=-1, keepdim=True).expand(*positive.shape)
+        norm_guidance = torch.norm(guidance, p=self.p, dim=-1, keepdim=True).expand(*positive.shape)
+        scale = norm_guidance / norm_positive
+        guidance = guidance * torch.minimum(scale, scale.new_ones(1) * self.nag_tau) / scale
+        return guidance * self.nag_alpha + positive * (1 - self.nag_alpha)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        batch_size = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if encoder_hidden_states is not None:
+            assert len(hidden_states) == batch_size // 2
+            query, key, value = query.tile(2, 1, 1), key.tile(2, 1, 1), value.tile(2, 1, 1)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (f(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+                          for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            query, key, value = torch.cat([eq, query], 2), torch.cat([ek, key], 2), torch.cat([ev, value], 2)
+            text_length = encoder_hidden_states.shape[1]
+        else:
+            text_length = self.encoder_hidden_states_length
+        query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
+        half = batch_size // 2
+        (query, query_negative), (key, key_negative), (value, value_negative) = \
+            query.chunk(2), key.chunk(2), value.chunk(2)
+        negative = F.scaled_dot_product_attention(query_negative, key_negative, value_negative)
+        negative = negative.transpose(1, 2).reshape(half, -1, attn.heads * head_dim)
+        out = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(half, -1, attn.heads * head_dim)
+        if encoder_hidden_states is not None:
+            text, image = out[:, :text_length], out[:, text_length:]
+            text_negative, image_negative = negative[:, :text_length], negative[:, text_length:]
+            image = self._guide(image, image_negative)
+            text = torch.cat((text, text_negative))
+            return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(text)
+        image = self._guide(out[:, text_length:], negative[:, text_length:])
+        negative[:, text_length:] = image
+        out[:, text_length:] = image
+        return torch.cat((out, negative))
+
+
+def _truncate_to_rows(module, args, kwargs):
+    """The official pipeline's ``TruncAdaLayerNormZero`` / ``TruncAdaLayerNormContinuous`` (src/normalization.py
+    @ 69159ca, swapped in by src/pipeline_flux_nag.py lines 361-367): the conditioning keeps the first rows, as many
+    as the normalized input has (the B image rows take the positive rows' temb)."""
+    rows = args[0].shape[0]
+    cut = lambda v: v[:rows] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] > rows else v  # noqa: E731
+    return (args[0], *map(cut, args[1:])), {k: cut(v) for k, v in kwargs.items()}
+
+
+def _flux_reference(model, x, t, cond, negative, layers="all", phi=PHI, tau=TAU, alpha=0.25, norm_p=1):
+    """``NAGFluxTransformer2DModel.forward`` (src/transformer_flux.py @ 69159ca, lines 71-178) on an unmodified
+    diffusers model's modules, fed as ``NAGFluxPipeline`` feeds it (src/pipeline_flux_nag.py lines 283-285, 387-396):
+    image rows B, text, pooled and timestep rows [c; c⁻] (temb 2B rows, cut to B by ``_truncate_to_rows`` where the
+    input has B rows); ``FluxNAG`` on every attention (lines 38-46, 356-358); the image stream tiled to 2B before the
+    single-stream blocks (lines 140-142; diffusers' single block now concatenates [text; image] itself) and the
+    positive half read out (172-175).
+
+    The NAG negative's pooled embedding here is the positive one: pagkit's documented choice (NAG's docstring).
+    The official pipeline gives the negative prompt's own pooled embedding to the negative rows' text stream and, in
+    the single-stream blocks, to their image tokens too.
+
+    ``layers="double"``: NAG on the double-stream blocks only (an explicit choice of pagkit's; the official code has
+    none): the single-stream blocks then run the positive rows alone, with their own processors."""
+    b = x.shape[0]
+    names = [f"transformer_blocks.{i}.attn" for i in range(len(model.transformer_blocks))]
+    if layers == "all":
+        names += [f"single_transformer_blocks.{i}.attn" for i in range(len(model.single_transformer_blocks))]
+    text = cond["encoder_hidden_states"]
+    processor = FluxNAG(phi, tau, alpha, text.shape[1], norm_p)
+
+    def forward():
+        hidden_states = model.x_embedder(x)
+        timestep = torch.cat([t, t]).to(hidden_states.dtype) * 1000  # t.expand(prompt_embeds.shape[0])
+        pooled = torch.cat([cond["pooled_projections"]] * 2)  # [pooled; nag_negative_pooled], the latter = positive
+        temb = model.time_text_embed(timestep, pooled)
+        encoder_hidden_states = model.context_embedder(torch.cat([text, negative]))
+        image_rotary_emb = model.pos_embed(torch.cat((cond["txt_ids"], cond["img_ids"])))
+        for block in model.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(hidden_states=hidden_states,
+                                                         encoder_hidden_states=encoder_hidden_states, temb=temb,
+                                                         image_rotary_emb=image_rotary_emb)
+        if layers == "all":
+            hidden_states = hidden_states.tile(2, 1, 1)
+        else:
+            encoder_hidden_states, temb = encoder_hidden_states[:b], temb[:b]
+        for block in model.single_transformer_blocks:
+            encoder_hidden_states, hidden_states = block(hidden_states=hidden_states,
+                                                         encoder_hidden_states=encoder_hidden_states, temb=temb,
+                                                         image_rotary_emb=image_rotary_emb)
+        hidden_states = hidden_states.chunk(2)[0] if layers == "all" else hidden_states
+        return model.proj_out(model.norm_out(hidden_states, temb))
+
+    norms = [m for m in model.modules() if isinstance(m, (AdaLayerNormZero, AdaLayerNormContinuous))]
+    hooks = [m.register_forward_pre_hook(_truncate_to_rows, with_kwargs=True) for m in norms]
+    try:
+        return _with_processors(model, names, processor, forward)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("batch, layers", [(1, None), (2, None), (2, "double")])
+def test_flux_nag_equals_the_official_flux_processors(batch, layers):
+    """Flux.1 (double- and single-stream attention) against the official Flux NAG code, with the family's default
+    α = 0.25, pagkit's L1 norm (the official Flux file's L2 is a measurably different result) and the positive
+    pooled embedding in the negative rows (see ``_flux_reference``), also when ``negative=None`` finds one in uncond."""
+    model = models.flux()
+    x, t, cond = models.flux_inputs(batch=batch)
+    negative = torch.randn(batch, 5, 24, generator=torch.Generator().manual_seed(7))
+    ours = GuidedDenoiser(model, [pagkit.NAG(PHI, layers=layers, negative={"encoder_hidden_states": negative})]
+                          ).predict(x, t, cond, progress=0.0)
+    reference = _flux_reference(model, x, t, cond, negative, layers=layers or "all")
+    plain = model(hidden_states=x, timestep=t, **cond).sample
+    assert (reference - plain).abs().max() > 1e-3  # not vacuous
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert all(type(p).__name__ == "FluxAttnProcessor" for p in model.attn_processors.values())
+    if layers is None:  # the default layers: every joint and single-stream attention; the file's L2 differs
+        bound = GuidedDenoiser(model, [pagkit.NAG(negative={"encoder_hidden_states": negative})]).methods[0]
+        assert bound.sites == [f"transformer_blocks.{i}.attn" for i in range(2)] + \
+            [f"single_transformer_blocks.{i}.attn" for i in range(2)] and bound.alpha == 0.25
+        l2 = _flux_reference(model, x, t, cond, negative, norm_p=2)
+        assert (l2 - reference).abs().max() > 1e-4
+        # negative=None reads the text of uncond only: its pooled embedding does not reach the negative rows
+        uncond = {**cond, "encoder_hidden_states": negative, "pooled_projections": torch.randn_like(
+            cond["pooled_projections"])}
+        from_uncond = GuidedDenoiser(model, [pagkit.NAG(PHI)]).predict(x, t, cond, uncond, progress=0.0)
+        assert torch.equal(from_uncond, ours)
 
 
 @pytest.mark.parametrize("family", ["unet", "sd3", "flux"])

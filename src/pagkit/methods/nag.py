@@ -30,14 +30,22 @@ computes Z̃ = s·Z⁺ − (s − 1)·Z⁻ and is off at s = 1): its README's ``
 * defaults: τ = 2.5 everywhere; α = 0.5 (SDXL), 0.125 (SD3), 0.25 (Flux, Wan) (``alpha=None`` picks the
   family's); ``nag_end`` (NAG until t < (1 − nag_end)·1000) is pagkit's ``stop`` (by step index, not timestep).
 * the norm: L1 in the paper and in the official SDXL, SD3 and Wan processors; the first Flux processor
-  (@ 69159ca) used the L2 norm. pagkit uses L1.
+  (@ 69159ca) used the L2 norm. pagkit uses L1 on every family, Flux included (a deliberate deviation from that
+  file; on Flux the two norms give measurably different predictions).
 
 **The negative inputs.** ``negative={"encoder_hidden_states": neg_embeds, ...}`` replaces those inputs of the
 conditional ones in the negative rows (a tensor of one row serves every sample; the text must have the
 conditional text's length). ``negative=None`` takes the text inputs (``encoder_hidden_states`` and its mask)
 from the caller's ``uncond``: a pipeline's negative prompt under ``pagkit.attach``, as the official pipelines
-default to it. Pooled text embeddings stay the positive ones unless ``negative`` names them (the official SD3
-pipeline keeps them; its Flux one uses the negative's in the text stream only).
+default to it. Pooled text embeddings (so the modulation, temb) stay the positive ones unless ``negative`` names
+them. The official SD3 pipeline keeps them too. Its Flux pipeline (``src/pipeline_flux_nag.py`` @ 69159ca) gives
+the negative prompt's pooled embedding to the negative rows: to their text tokens in the double-stream blocks and,
+in the single-stream blocks, to their image tokens as well, whose stream then drifts from the guided one. pagkit
+deviates on purpose: the negative rows differ from the conditional ones in the text inputs only, so Z⁻ comes from
+the guided image tokens at every layer (the paper's Z⁻ from the same queries). With the negative's pooled embedding
+equal to the positive one, pagkit equals the official Flux code (L1 norm, above). Naming ``pooled_projections`` in
+``negative`` modulates the negative rows wholly by it, their image stream included: that is neither the paper's
+nor the official code's computation.
 
 **With other terms.** CFG: yes (above). PAG, SEG, SAG, SLG: refused with one ValueError, because their branches
 copy the conditional inputs but not NAG's mixing, so s(ε_c − ε̂) would contrast the NAG-guided ε_c against an
