@@ -51,13 +51,19 @@ ALL_LAYERS = "down.1;down.2;mid;up.0.attentions.0;up.0.attentions.1;up.1.attenti
 THIRDS = "0:0.34,0.33:0.67,0.66:1"
 
 COMMON = "--num-samples 500 --seed-sets 0 --steps 20 --quiet"
-# the best PAG setting of table 9 by its rule (section 9a), repeated under trailing spacing (issue 22, item 6)
-MAP_BEST_PAG = ("up.0.attentions.1", "0.5")
+# Table 9's choices by its rule (section 9a; (layers, scale)): reported in table 1 on fresh seeds, and PAG's
+# repeated under trailing spacing (issue 22, item 6). The document says so when the rule's choice on the
+# finished rows differs from these (then the rows made with them must be remade).
+MAP9_PAG = ("up.0.attentions.1", "0.5")
+MAP9_SEG = ("up.1.attentions.0", "0.5")
 TABLE1_METHODS = (f"--methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS}",
                   f"--methods seg --scales {SEG_SCALE} --layers {SEG_LAYERS} --seg-sigmas inf,2",
                   f"--methods sag --scales {SAG_SCALE} --sag-layers mid",
                   # SAG's best row on the map (table 7: the early third), chosen after the line above was fixed
-                  f"--methods sag --scales {SAG_SCALE} --sag-layers mid --intervals {THIRDS.split(',')[0]}")
+                  f"--methods sag --scales {SAG_SCALE} --sag-layers mid --intervals {THIRDS.split(',')[0]}",
+                  # table 9's choices (section 9a), re-chosen on the completed map
+                  f"--methods pag --scales {MAP9_PAG[1]} --layers {MAP9_PAG[0]}",
+                  f"--methods seg --scales {MAP9_SEG[1]} --layers {MAP9_SEG[0]} --seg-sigmas inf")
 TABLES = [
     dict(title="1. Unconditional `fmnist`: the chosen configurations on fresh seeds",
          note="Mean ± spread (half the range) over seed sets 1 and 2, DDIM-20: first 500 samples per seed set, "
@@ -134,7 +140,7 @@ TABLES = [
                    f"--layers '{ALL_LAYERS}' {COMMON} --out {MAP}",
                    f"pagkit eval --model fmnist --methods pag --scales 1 --layers 'mid,down.2;mid,up.0.attentions.0' "
                    f"{COMMON} --out {MAP}",
-                   f"pagkit eval --model fmnist --methods none,pag --scales {MAP_BEST_PAG[1]} --layers {MAP_BEST_PAG[0]} "
+                   f"pagkit eval --model fmnist --methods none,pag --scales {MAP9_PAG[1]} --layers {MAP9_PAG[0]} "
                    f"--timestep-spacing trailing {COMMON} --out {MAP}"]),
 ]
 
@@ -317,11 +323,20 @@ def _selection_lines(rows: list[dict], missing: int = 0) -> list[str]:
     # table 9 compare samplers and are not candidates
     flat = [r for r in flatten(rows) if not r["timestep_spacing"]]
     lines = ["### 9a. Selection by the rule fixed before the rows (docs/notes/table9.md)", ""]
-    if missing:
-        lines += [f"**Provisional:** {missing} configurations of this table are not computed yet; the rule is "
-                  "applied to the rows with both networks' FD that exist, and its choice can change.", ""]
+    without_b = sum(1 for r in flat if r["fd_b"] is None)
+    if missing or without_b:
+        lines += [f"**Provisional:** {missing} configurations of this table are not computed yet and {without_b} "
+                  "were made before the second network existed (no FD (b); they are being remade); the rule is "
+                  "applied to the rows with both networks' FD, and its choice can change.", ""]
+    used = {"pag": MAP9_PAG, "seg": MAP9_SEG}
     for method, pick in choose_settings(flat).items():
         name = method.upper()
+        chosen = pick["chosen"]
+        if chosen is not None and (chosen["layers"], f"{chosen['scale']:g}") != (used[method][0].replace(",", "+"),
+                                                                            used[method][1]):
+            lines.append(f"- **{name}: the rule now chooses {_label(chosen)}, but table 1 and the trailing-spacing "
+                         f"rows were made with {method.upper()} {used[method][1]} on `{used[method][0]}` "
+                         "(docs/make_results.py, MAP9_*): those rows are to be remade.**")
         if not pick["candidates"]:
             lines.append(f"- {name}: no row with both networks' FD yet.")
             continue
