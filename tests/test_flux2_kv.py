@@ -95,7 +95,7 @@ def _perturbed_processors(kind):
     return {"joint": Joint, "single": Single}
 
 
-def _reference(pipe, scale, kind):
+def _reference(pipe, scale, kind, **kwargs):
     """The pipeline with its transformer returning ε + s(ε − ε̂) (and the plain call's KV cache at step 0)."""
     model = pipe.transformer
     plain_forward = model.forward
@@ -116,7 +116,7 @@ def _reference(pipe, scale, kind):
 
     model.forward = guided
     try:
-        return _run(pipe)
+        return _run(pipe, **kwargs)
     finally:
         del model.forward
 
@@ -131,18 +131,21 @@ def _restored(model, processors):
         not any("forward" in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("term, kind", [(pagkit.PAG(2.0, layers=SITES), "identity"),
-                                        (pagkit.PAG(2.0, layers=SITES, strength=0.5, heads=[1]), "soft"),
-                                        (pagkit.SEG(2.0, sigma=float("inf"), layers=SITES), "mean")],
-                         ids=["PAG", "SoftPAG-head", "SEG-inf"])
-def test_attach_on_the_kv_pipeline_equals_the_reference(term, kind):
+@pytest.mark.parametrize("term, kind, per_prompt", [
+    (pagkit.PAG(2.0, layers=SITES), "identity", 1),
+    (pagkit.PAG(2.0, layers=SITES), "identity", 2),  # a cache of 2 rows, for a guided batch of 4
+    (pagkit.PAG(2.0, layers=SITES, strength=0.5, heads=[1]), "soft", 1),
+    (pagkit.SEG(2.0, sigma=float("inf"), layers=SITES), "mean", 1)],
+    ids=["PAG", "PAG-2-images", "SoftPAG-head", "SEG-inf"])
+def test_attach_on_the_kv_pipeline_equals_the_reference(term, kind, per_prompt):
     pipe = models.flux2_klein_kv_pipeline()
     processors = _processors(pipe.transformer)
     with pagkit.attach(pipe, [term]):
-        out = _run(pipe)
+        out = _run(pipe, num_images_per_prompt=per_prompt)
     assert _restored(pipe.transformer, processors)
-    expected = _reference(pipe, term.scale, kind)
-    plain = _run(pipe)
+    expected = _reference(pipe, term.scale, kind, num_images_per_prompt=per_prompt)
+    plain = _run(pipe, num_images_per_prompt=per_prompt)
+    assert out.shape[0] == per_prompt
     assert (expected - plain).abs().max() > 1e-3  # the perturbation does something
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
