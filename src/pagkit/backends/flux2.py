@@ -39,7 +39,7 @@ import torch
 
 from . import ForwardInfo, Site, register
 from .flux import FluxBackend
-from ..perturb import Identity, QueryBlur, SoftIdentity, TokenLayout, sdpa
+from ..perturb import Identity, QueryBlur, SoftIdentity, sdpa
 
 _KV_PERTURBATIONS = (Identity, SoftIdentity, QueryBlur)
 _KV_TERMS = ("PAG", "SEG")
