@@ -248,6 +248,19 @@ def flux2_inputs(batch=2, seed=1, h=4, w=6, text=5):
                  txt_ids=txt_ids))
 
 
+def flux2_klein_kv_pipeline(seed=0):
+    """Flux2KleinKVPipeline with ``models.flux2()`` (8 = 4 × 2 latent channels) and a tiny AutoencoderKLFlux2
+    (1/8 scale, so a 64×64 reference image, the pipeline's smallest, is 4×4 tokens); no text encoder: give it
+    ``prompt_embeds`` (…, 24)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=2,
+                             norm_num_groups=4, sample_size=64).eval()
+    return Flux2KleinKVPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                tokenizer=None, transformer=flux2(seed))
+
+
 def sana(seed=0, qk_norm=None, num_layers=2, patch_size=1):
     """Sana-shaped (linear self-attention, cross-attention); Sana 1.5 with ``qk_norm="rms_norm_across_heads"``."""
     from diffusers import SanaTransformer2DModel

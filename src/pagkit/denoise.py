@@ -121,11 +121,12 @@ class GuidedDenoiser:
         branches = ([Branch("uncond", "uncond", folded)] if cfg_scale is not None else []) + [Branch("cond", "cond")]
         return branches + extra, scales, cfg_scale
 
-    def _shared_prefix(self, branches: list[Branch], b: int):
+    def _shared_prefix(self, branches: list[Branch], b: int, cond: dict):
         """Share the stages before the first patched site or block between ``cond`` and the patched branches
-        (only when every patched branch reads exactly the conditional inputs)."""
+        (only when every patched branch reads exactly the conditional inputs, and the family allows it for them)."""
         perturbed = [br for br in branches if br.patches]
-        same_inputs = all(br.conditioning == "cond" and not br.inputs and br.onto is None for br in perturbed)
+        same_inputs = all(br.conditioning == "cond" and not br.inputs and br.onto is None for br in perturbed) \
+            and self.backend.shares_prefix(cond)
         stage_names = prefix_stages(self.model, sorted({n for br in perturbed for n in br.patches})) \
             if perturbed and same_inputs and self.prefix_sharing else []
         if not stage_names:
@@ -194,6 +195,8 @@ class GuidedDenoiser:
             else inputs["cond"]
         captures = {site: names.index(branch) for m in active for site, branch in m.captures(names).items()}
         layer_names = sorted({name for br in branches for name in br.patches} | set(captures))
+        self.backend.check_step(self.model, cond, [m.term for m in active],
+                                {name: p for br in branches for name, p in br.patches.items()}, captures)
         with routed(self.model, layer_names, self.backend) as router:
             router.info = self.backend.forward_info(self.model, x, cond)
             router.batch = x_batch.shape[0]
@@ -202,7 +205,7 @@ class GuidedDenoiser:
                            for i, br in enumerate(branches) if br.patches]
             for site, i in captures.items():
                 router.capture[site] = (i * b, (i + 1) * b)
-            with self._shared_prefix(branches, b):
+            with self._shared_prefix(branches, b, cond):
                 out = self._call(x_batch, t_batch, kwargs)
             captured = dict(router.captured)
         preds = dict(zip(names, out.split(b)))

@@ -21,7 +21,6 @@ import math
 from contextlib import contextmanager
 
 import torch
-from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from .batch import split_rows
 from .denoise import GuidedDenoiser
@@ -360,8 +359,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
             out = denoiser.predict(x, t, inputs, None, progress)
         if streams is not None:
             return streams.output(out, return_dict)
-        out = denoiser.backend.caller_output(model, out)
-        return UNet2DOutput(sample=out) if return_dict else (out,)
+        return denoiser.backend.model_output(model, denoiser.backend.caller_output(model, out), inputs, return_dict)
 
     cond_first = type(pipe).__name__ in _COND_FIRST
     step: dict = {}  # the last timestep and how many calls it has had (separate-call CFG)

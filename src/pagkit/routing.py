@@ -284,6 +284,8 @@ class Router:
             self.captured[site.name] = (_attention_received(query[a:b], key[a:b], rows(attn_mask, a, b), scale),
                                         one_layout().grid)
         perturbing = [(a, b, p) for a, b, p, _ in segments if not _cross_rows(p)]
+        if perturbing and not self.backend.perturbs_call(site, call, self.info):
+            perturbing = []  # a call without the queries a perturbation acts on (Flux.2-klein's reference tokens)
         if not perturbing:
             out = plain(0, batch)
         else:
@@ -299,8 +301,8 @@ class Router:
                 if a > pos:
                     pieces.append(plain(pos, a))
                 for c, d, layout in self._layout_runs(site, query.shape[-2], a, b):
-                    pieces.append(perturbation.attend(query[c:d], k[c:d], v[c:d], layout, rows(attn_mask, c, d),
-                                                      scale).to(value.dtype))
+                    pieces.append(self.backend.attend(site, perturbation, query[c:d], k[c:d], v[c:d], layout,
+                                                      rows(attn_mask, c, d), scale).to(value.dtype))
                 pos = b
             if pos < batch:
                 pieces.append(plain(pos, batch))

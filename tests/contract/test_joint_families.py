@@ -365,12 +365,19 @@ def test_zimage_timestep_and_stacking_errors():
         backend.input_batch(model, [[torch.zeros(4, 1, 8, 8)]])
 
 
-def test_flux2_kv_cache_modes_are_refused_with_the_pipeline_to_use():
-    """Flux.2-klein's KV cache: image queries attend to keys of another sequence; refused before the forward."""
+def test_flux2_kv_cache_given_to_predict_directly_needs_one_row_per_model_row():
+    """Flux.2-klein's KV cache holds rows of the caller's batch: pagkit.attach turns it into per-sample tensors
+    (Backend.per_sample_inputs, tests/test_flux2_kv.py); a cache object given to predict as it is, with fewer rows
+    than the guided batch, is one clear error before the forward."""
     model = models.flux2()
-    x, t, cond = models.flux2_inputs()
-    for mode in ("extract", "cached"):
-        with pytest.raises(ValueError, match=f"kv_cache_mode='{mode}'.*Flux2KleinPipeline"):
-            GuidedDenoiser(model, [pagkit.PAG(2.0, layers="transformer_blocks.0.attn")]).predict(
-                x, t, {**cond, "kv_cache_mode": mode})
-        assert not any("forward" in vars(m) for m in model.modules())
+    for block in model.transformer_blocks:  # as Flux2KleinKVPipeline sets them
+        block.attn.set_processor(transformer_flux2.Flux2KVAttnProcessor())
+    for block in model.single_transformer_blocks:
+        block.attn.set_processor(transformer_flux2.Flux2KVParallelSelfAttnProcessor())
+    x, t, cond = models.flux2_inputs(batch=1)
+    with torch.no_grad():
+        _, cache = model(x, timestep=t, **cond, kv_cache_mode="extract", num_ref_tokens=4, return_dict=False)
+    with pytest.raises(ValueError, match=r"KV cache of \[1\] rows for a batch of 2.*per_sample_inputs"):
+        GuidedDenoiser(model, [pagkit.PAG(2.0, layers="transformer_blocks.0.attn")]).predict(
+            x[:, 4:], t, {**cond, "img_ids": cond["img_ids"][4:], "kv_cache": cache, "kv_cache_mode": "cached"})
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -147,6 +147,36 @@ class Backend:
             return out
         return out[0] if isinstance(out, (tuple, list)) else out.sample
 
+    def model_output(self, model: nn.Module, out, inputs: dict, return_dict: bool):
+        """What the model's forward returns to a caller (a pipeline) for the guided prediction ``out`` (in the
+        model's form: ``caller_output``) of a call with ``inputs`` (as ``per_sample_inputs`` gave them): its sample,
+        and whatever the model returns beside it (Flux.2-klein's KV cache at its extract step)."""
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    def check_step(self, model: nn.Module, inputs: dict, terms: list, patches: dict, captures: dict) -> None:
+        """Refuse, with one clear error before the model runs, a guided step whose ``terms`` (the active ones),
+        ``patches`` (site or block name → patch, over every branch) or ``captures`` (sites whose attention map a
+        term reads: SAG) a call with ``inputs`` cannot take. By default every step is fine."""
+
+    def shares_prefix(self, inputs: dict) -> bool:
+        """Whether prefix sharing may run the early stages of a call with ``inputs`` on fewer rows: False where an
+        input that holds rows is no tensor the stages are given (Flux.2-klein's KV cache)."""
+        return True
+
+    def perturbs_call(self, site: Site, call: int, info: ForwardInfo | None) -> bool:
+        """Whether the ``call``-th attention call (from 0) during one call of ``site``'s module holds the queries a
+        perturbation acts on; False: it runs as the model's own on every row (Flux.2-klein's reference tokens,
+        attending only among themselves at its KV-cache extract step)."""
+        return True
+
+    def attend(self, site: Site, perturbation, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               layout: TokenLayout, attn_mask, scale) -> torch.Tensor:
+        """The perturbed attention of rows q, k, v ((B, heads, S, d) as SDPA takes them) at ``site``, ``layout`` the
+        queries' sequence: ``perturbation.attend``. A family whose queries attend to keys of a longer sequence
+        (Flux.2-klein's cached reference K/V) says here what the perturbation means."""
+        return perturbation.attend(q, k, v, layout, attn_mask, scale)
+
     def per_sample_inputs(self, model: nn.Module, x: torch.Tensor, kwargs: dict) -> dict:
         """The inputs of a call as its caller (a pipeline) gave them, with one row per sample of ``x``: a family
         whose call convention folds frames into an input's rows unfolds it here, and its ``call`` folds it back."""
