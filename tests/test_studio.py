@@ -430,3 +430,64 @@ def test_the_page_is_offline_and_sends_no_telemetry(browser_page):
     foreign = [u for u in browser_page.requested if urlparse(u).scheme in ("http", "https", "ws", "wss")
                and urlparse(u).netloc != local]
     assert browser_page.requested and not foreign
+
+
+def _grid_png(page, selector: str, path: Path) -> Image.Image:
+    """The grid the page shows, as the PNG file the server sent."""
+    (path).write_bytes(page.request.get(page.locator(selector).get_attribute("src")).body())
+    return Image.open(path)
+
+
+def test_the_scale_strip_tab_draws_one_labelled_row_per_scale_as_its_command_line_does(browser_page, capsys,
+                                                                                       tmp_path):
+    page = browser_page
+    _set(page, "#steps input", "2")
+    _set(page, "#seeds input", "2")
+    page.get_by_role("tab", name="Scale strip").click()
+    page.fill("#strip-spec textarea", "seg:1,layers=mid")
+    page.fill("#strip-scales textarea", "0.5:2:3")
+    page.click("#strip-generate")
+    page.wait_for_selector("#strip-grid img")
+    page.wait_for_function("document.querySelector('#strip-command textarea').value.startsWith('pagkit')")
+    rows = 1 + 3  # the unguided row, then one per scale
+    assert page.locator("#strip-table div[role=row][data-index]").count() == rows
+    labels = [page.inner_text(f"#strip-table [data-testid=cell-{i}-1]").strip() for i in range(rows)]
+    assert labels == ["no guidance", "SEG 0.5 (layers=mid)", "SEG 1 (layers=mid)", "SEG 2 (layers=mid)"]
+    assert page.locator("#strip-progress progress").count() == rows
+    shown = page.locator("#strip-command textarea").input_value()
+    assert "--guidance seg:0.5 --guidance seg:1 --guidance seg:2 " in shown  # mid is SEG's default site
+    on_page = _grid_png(page, "#strip-grid img", tmp_path / "page.png")
+    assert on_page.size[1] == rows * (32 * 3 + PAD) + PAD
+    assert np.array_equal(_tiles(on_page), _tiles(_run_command(shown, tmp_path / "cli.png", capsys)))
+
+
+def _pick(page, selector: str, option: str) -> None:
+    """Choose ``option`` in a Gradio dropdown as a user does: open it, click the option."""
+    page.click(f"{selector} input")
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_switching_the_model_shows_its_class_control_and_generates_with_it(browser_page, capsys, tmp_path):
+    page = browser_page
+    page.get_by_role("tab", name="Compare").click()
+    _set(page, "#steps input", "2")
+    _set(page, "#seeds input", "2")
+    for i, text in enumerate(["cfg:1.5; pag:0.5", "", "", "", "", ""]):
+        page.fill(f"#config-{i} textarea", text)
+    assert not page.locator("#class").is_visible()  # fmnist is unconditional
+    _pick(page, "#model", "fmnist-cond")
+    page.locator("#class").wait_for(state="visible")
+    _pick(page, "#class", "3")
+    page.click("#generate")
+    page.wait_for_selector("#compare-grid img")
+    page.wait_for_function("document.querySelector('#compare-command textarea').value.startsWith('pagkit')")
+    shown = page.locator("#compare-command textarea").input_value()
+    assert "--model fmnist-cond" in shown and "--class-label 3" in shown
+    on_page = _grid_png(page, "#compare-grid img", tmp_path / "page.png")
+    assert np.array_equal(_tiles(on_page), _tiles(_run_command(shown, tmp_path / "cli.png", capsys)))
+    _pick(page, "#model", "fmnist")  # back: no class, and CFG is refused with the CLI's message
+    page.locator("#class").wait_for(state="hidden")
+    page.click("#generate")
+    page.wait_for_selector("#compare-error .studio-error")
+    assert "CFG needs a class-conditional model" in page.inner_text("#compare-error")
+    assert page.locator("#compare-grid img").count() == 0
