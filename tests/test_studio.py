@@ -351,8 +351,33 @@ def test_the_page_generates_two_configurations_as_the_shown_command_line_does(br
     on_page = Image.open(tmp_path / "page.png")
     assert on_page.size[1] == 3 * (32 * 3 + PAD) + PAD  # three labelled rows of three seeds
     assert np.array_equal(_tiles(on_page), _tiles(_run_command(shown, tmp_path / "cli.png", capsys)))
-    page.screenshot(path=str(os.environ.get("PAGKIT_STUDIO_SCREENSHOT") or tmp_path / "studio.png"),
-                    full_page=True)
+
+
+def test_the_readme_screenshot_is_the_compare_tab_after_one_generate(browser_page, tmp_path):
+    """docs/studio.png: ``PAGKIT_SCREENSHOT=docs/studio.png pytest tests/test_studio.py -k readme_screenshot``
+    draws the page's defaults (fmnist, DDIM-20, 8 seeds, 4 rows; about 40 s on 2 cores) and writes the
+    screenshot there. Without the variable the same steps run at 2 steps and 2 seeds, into a temporary file."""
+    target = os.environ.get("PAGKIT_SCREENSHOT")
+    page = browser_page.context.browser.new_page(viewport={"width": 1280, "height": 1300})  # every field at its default
+    page.set_default_timeout(300_000)
+    page.goto(browser_page.studio_url)
+    page.wait_for_selector("#config-0 textarea")
+    if not target:
+        _set(page, "#steps input", "2")
+        _set(page, "#seeds input", "2")
+    page.click("#generate")
+    page.wait_for_selector("#compare-grid img")
+    page.wait_for_function("document.querySelector('#compare-command textarea').value.startsWith('pagkit')")
+    page.wait_for_function("[...document.images].every(img => img.complete)")
+    path = Path(target or tmp_path / "studio.png")
+    page.screenshot(path=str(path), full_page=True)
+    seeds = core.DEFAULT_SEEDS if target else 2
+    shot = Image.open(path)
+    assert shot.width == 1280 and shot.height >= 1300  # the viewport's width, the whole page's height
+    rows = 1 + len([c for c in core.DEFAULT_CONFIGS if c])  # the unguided row and pagkit sample's PAG, SEG, SAG
+    assert page.locator("#compare-table div[role=row][data-index]").count() == rows
+    assert f"--num-images {seeds} " in page.locator("#compare-command textarea").input_value()
+    page.close()
 
 
 def test_a_bad_input_typed_into_the_page_shows_the_error_and_draws_nothing(browser_page):
