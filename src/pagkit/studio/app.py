@@ -124,9 +124,9 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
             seeds = gr.Number(core.DEFAULT_SEEDS, label=f"Seeds (columns, at most {core.MAX_SEEDS})", precision=0,
                               elem_id="seeds")
             klass = gr.Dropdown([ALL_CLASSES], value=ALL_CLASSES, label="Class", visible=False, elem_id="class")
-        with gr.Row():  # a text-to-image pipeline's condition, shown only for one
-            prompt = gr.Textbox(label="Prompt", visible=False, elem_id="prompt", scale=3)
-            negative = gr.Textbox(label="Negative prompt (optional)", visible=False, elem_id="negative", scale=2)
+        with gr.Row(visible=False) as prompt_row:  # a text-to-image pipeline's condition, shown only for one
+            prompt = gr.Textbox(label="Prompt", elem_id="prompt", scale=3)
+            negative = gr.Textbox(label="Negative prompt (optional)", elem_id="negative", scale=2)
         model_error = gr.HTML(elem_id="model-error")
         shared = [model_box, scheduler, steps, seed, seeds, klass, prompt, negative]
 
@@ -211,15 +211,15 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
             try:
                 kind, labels = core.condition(name, models_root)
             except core.StudioError as err:
-                return no_class, gr.update(visible=False), gr.update(visible=False), _error(str(err))
+                return no_class, gr.update(visible=False), _error(str(err))
             text = gr.update(visible=kind == "prompt")
             if kind != "class":
-                return no_class, text, text, ""
+                return no_class, text, ""
             return (gr.update(visible=True, choices=[ALL_CLASSES] + [str(c) for c in labels], value=ALL_CLASSES),
-                    text, text, "")
+                    text, "")
 
-        model_box.change(on_model, [model_box], [klass, prompt, negative, model_error])
-        page.load(on_model, [model_box], [klass, prompt, negative, model_error])
+        model_box.change(on_model, [model_box], [klass, prompt_row, model_error])
+        page.load(on_model, [model_box], [klass, prompt_row, model_error])
 
         def on_insert(name, *texts):
             try:
