@@ -6,6 +6,8 @@ grid against the command line the page shows, run through the CLI. It skips, say
 Playwright or the browser cannot start.
 """
 import argparse
+import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pagkit import cli
@@ -277,6 +280,131 @@ def test_a_non_local_host_needs_auth(capsys):
         command.run(parser.parse_args(["studio", "--host", "0.0.0.0"]))
 
 
+# ------------------------------------------------------------------------------------ pipeline folders
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet CLIP's BPE vocabulary is written in."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tiny_sd_pipeline(path: Path) -> Path:
+    """A StableDiffusionPipeline of random weights saved with save_pretrained (safetensors), with a tiny CLIP
+    text encoder and a byte-level CLIP tokenizer (no merges: one token per character) built here, offline."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    import models
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    words = path.parent / f"{path.name}-tokenizer-files"
+    words.mkdir(parents=True)
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1,
+        pad_token_id=len(vocab) - 1)).eval()
+    pipe = StableDiffusionPipeline(unet=models.sd_unet(), vae=models.vae(), scheduler=models.ddim(),
+                                   text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines") / "models"
+    tiny_sd_pipeline(root / "tiny-sd")
+    return root
+
+
+def test_a_pipeline_folder_takes_a_prompt_and_draws_guided_rows_through_attach(pipeline_root):
+    import pagkit
+    from pagkit.report import to_uint8
+    root = pipeline_root
+    assert "tiny-sd" in core.list_models(root)
+    assert core.condition("tiny-sd", root) == ("prompt", []) and core.condition("fmnist-cond")[0] == "class"
+    request = core.Request(model="tiny-sd", prompt="a red square", configs=["pag:2,layers=mid", "cfg:3; seg:1"],
+                           steps=2, num_images=2)
+    result = core.compare(request, models_root=root)
+    assert [r.label for r in result.rows] == ["no guidance", "PAG 2 (layers=mid)", "CFG 3\n+ SEG 1 (layers=mid)"]
+    images = [to_uint8(r.images) for r in result.rows]
+    assert images[0].shape == (2, 32, 32, 3)
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
+    again = core.compare(request, models_root=root)  # the same seeds: the same pixels
+    assert all(np.array_equal(a, to_uint8(r.images)) for a, r in zip(images, again.rows))
+    # the PAG row is the pipeline under pagkit.attach, drawn here by hand
+    pipe = core._MODELS[f"pipeline:{(root / 'tiny-sd').resolve()}"]
+    with pagkit.attach(pipe, pagkit.PAG(2.0, layers="mid")):
+        by_hand = pipe("a red square", num_inference_steps=2, num_images_per_prompt=2, guidance_scale=1.0,
+                       generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(np.stack([np.asarray(im) for im in by_hand]), images[1])
+    # pagkit sample has no prompt: what the page shows is the Python that draws the same rows
+    assert not result.command.startswith("pagkit sample") and "pagkit.attach(pipe, parse_spec('seg:1'))" in \
+        result.command and "guidance_scale=3.0" in result.command
+    scope = {}
+    exec(result.command, scope)  # noqa: S102 - the studio's own output, run as a user would
+    shown = [np.stack([np.asarray(im) for im in row]) for row in scope["rows"].values()]
+    assert list(scope["rows"]) == [r.label.replace("\n", " ") for r in result.rows]
+    assert all(np.array_equal(a, b) for a, b in zip(shown, images))
+
+
+def test_a_pipeline_refuses_an_empty_prompt_a_class_and_what_attach_refuses_before_drawing(pipeline_root):
+    root, drawn = pipeline_root, []
+    for fields, message in (
+            (dict(prompt="  "), "tiny-sd is a text-to-image pipeline: give a prompt"),
+            (dict(prompt="x", class_label=3), "--class-label 3: tiny-sd is a text-to-image pipeline"),
+            (dict(prompt="x", configs=["pag:1,layers=nosuch"]), "unknown layer 'nosuch' in UNet2DConditionModel"),
+            (dict(prompt="x", configs=["cfg:2,rule=apg"]), "the pipeline applies CFG itself, so a rule on CFG"),
+            (dict(prompt="x", steps=0), "argument --steps: expected a positive integer")):
+        with pytest.raises(core.StudioError) as refused:
+            core.compare(core.Request(model="tiny-sd", **{"steps": 2, "num_images": 2, **fields}), models_root=root,
+                         progress=lambda *a: drawn.append(a))
+        assert str(refused.value).startswith(message), str(refused.value)
+    assert drawn == []  # refused before any step
+
+
+def test_cancel_stops_a_pipeline_within_a_step_and_leaves_it_unguided(pipeline_root):
+    from pagkit.report import to_uint8
+    request = core.Request(model="tiny-sd", prompt="a red square", configs=["pag:2,layers=mid"], steps=2,
+                           num_images=1)
+    plain = core.compare(dataclasses.replace(request, configs=[]), models_root=pipeline_root).rows[0]
+    cancel = threading.Event()
+
+    def progress(row, step, steps):
+        if (row, step) == (1, 1):
+            cancel.set()
+    with pytest.raises(core.Cancelled, match="step 1 of 2 of row 2"):
+        core.compare(request, models_root=pipeline_root, progress=progress, cancel=cancel)
+    pipe = core._MODELS[f"pipeline:{(pipeline_root / 'tiny-sd').resolve()}"]
+    assert "forward" not in vars(pipe.unet)  # pagkit.attach put the UNet's own forward back
+    after = core.compare(dataclasses.replace(request, configs=[]), models_root=pipeline_root).rows[0]
+    assert np.array_equal(to_uint8(after.images), to_uint8(plain.images))
+
+
+def test_a_pipeline_folder_with_a_pickled_weights_file_or_foreign_code_is_refused(pipeline_root, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(pipeline_root / "tiny-sd", root / "sd-with-bin")
+    (root / "sd-with-bin" / "text_encoder" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(core.StudioError, match="is a pickled weights file"):
+        core.condition("sd-with-bin", root)
+    index = json.loads((root / "sd-with-bin" / "model_index.json").read_text())
+    (root / "sd-with-bin" / "text_encoder" / "pytorch_model.bin").unlink()
+    index["unet"] = ["my_module", "MyUNet"]
+    (root / "sd-with-bin" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(core.StudioError, match="component 'unet' comes from 'my_module'"):
+        core.plan(core.Request(model="sd-with-bin", prompt="x", **FAST), models_root=root)
+
+
 # ---------------------------------------------------------------------------------------------- the page
 
 def _free_port() -> int:
@@ -302,7 +430,9 @@ def browser_page(tmp_path_factory):
         pytest.skip("no chromium on PATH (apt-get install chromium, or set PAGKIT_CHROMIUM)")
     files = tmp_path_factory.mktemp("studio-files")
     _fake_out(files / "runs" / "sweep")
-    args = argparse.Namespace(model="fmnist", models_root=None, files_root=str(files), host="127.0.0.1",
+    models_root = tmp_path_factory.mktemp("studio-models") / "models"
+    tiny_sd_pipeline(models_root / "tiny-sd")
+    args = argparse.Namespace(model="fmnist", models_root=str(models_root), files_root=str(files), host="127.0.0.1",
                               port=_free_port(), auth=None, threads=None)
     app, url = command.launch(args, block=False)
     playwright = sync_api.sync_playwright().start()
@@ -351,8 +481,33 @@ def test_the_page_generates_two_configurations_as_the_shown_command_line_does(br
     on_page = Image.open(tmp_path / "page.png")
     assert on_page.size[1] == 3 * (32 * 3 + PAD) + PAD  # three labelled rows of three seeds
     assert np.array_equal(_tiles(on_page), _tiles(_run_command(shown, tmp_path / "cli.png", capsys)))
-    page.screenshot(path=str(os.environ.get("PAGKIT_STUDIO_SCREENSHOT") or tmp_path / "studio.png"),
-                    full_page=True)
+
+
+def test_the_readme_screenshot_is_the_compare_tab_after_one_generate(browser_page, tmp_path):
+    """docs/studio.png: ``PAGKIT_SCREENSHOT=docs/studio.png pytest tests/test_studio.py -k readme_screenshot``
+    draws the page's defaults (fmnist, DDIM-20, 8 seeds, 4 rows; about 40 s on 2 cores) and writes the
+    screenshot there. Without the variable the same steps run at 2 steps and 2 seeds, into a temporary file."""
+    target = os.environ.get("PAGKIT_SCREENSHOT")
+    page = browser_page.context.browser.new_page(viewport={"width": 1280, "height": 1300})  # every field at its default
+    page.set_default_timeout(300_000)
+    page.goto(browser_page.studio_url)
+    page.wait_for_selector("#config-0 textarea")
+    if not target:
+        _set(page, "#steps input", "2")
+        _set(page, "#seeds input", "2")
+    page.click("#generate")
+    page.wait_for_selector("#compare-grid img")
+    page.wait_for_function("document.querySelector('#compare-command textarea').value.startsWith('pagkit')")
+    page.wait_for_function("[...document.images].every(img => img.complete)")
+    path = Path(target or tmp_path / "studio.png")
+    page.screenshot(path=str(path), full_page=True)
+    seeds = core.DEFAULT_SEEDS if target else 2
+    shot = Image.open(path)
+    assert shot.width == 1280 and shot.height >= 1300  # the viewport's width, the whole page's height
+    rows = 1 + len([c for c in core.DEFAULT_CONFIGS if c])  # the unguided row and pagkit sample's PAG, SEG, SAG
+    assert page.locator("#compare-table div[role=row][data-index]").count() == rows
+    assert f"--num-images {seeds} " in page.locator("#compare-command textarea").input_value()
+    page.close()
 
 
 def test_a_bad_input_typed_into_the_page_shows_the_error_and_draws_nothing(browser_page):
@@ -430,3 +585,99 @@ def test_the_page_is_offline_and_sends_no_telemetry(browser_page):
     foreign = [u for u in browser_page.requested if urlparse(u).scheme in ("http", "https", "ws", "wss")
                and urlparse(u).netloc != local]
     assert browser_page.requested and not foreign
+
+
+def _grid_png(page, selector: str, path: Path) -> Image.Image:
+    """The grid the page shows, as the PNG file the server sent."""
+    (path).write_bytes(page.request.get(page.locator(selector).get_attribute("src")).body())
+    return Image.open(path)
+
+
+def test_the_scale_strip_tab_draws_one_labelled_row_per_scale_as_its_command_line_does(browser_page, capsys,
+                                                                                       tmp_path):
+    page = browser_page
+    _set(page, "#steps input", "2")
+    _set(page, "#seeds input", "2")
+    page.get_by_role("tab", name="Scale strip").click()
+    page.fill("#strip-spec textarea", "seg:1,layers=mid")
+    page.fill("#strip-scales textarea", "0.5:2:3")
+    page.click("#strip-generate")
+    page.wait_for_selector("#strip-grid img")
+    page.wait_for_function("document.querySelector('#strip-command textarea').value.startsWith('pagkit')")
+    rows = 1 + 3  # the unguided row, then one per scale
+    assert page.locator("#strip-table div[role=row][data-index]").count() == rows
+    labels = [page.inner_text(f"#strip-table [data-testid=cell-{i}-1]").strip() for i in range(rows)]
+    assert labels == ["no guidance", "SEG 0.5 (layers=mid)", "SEG 1 (layers=mid)", "SEG 2 (layers=mid)"]
+    assert page.locator("#strip-progress progress").count() == rows
+    shown = page.locator("#strip-command textarea").input_value()
+    assert "--guidance seg:0.5 --guidance seg:1 --guidance seg:2 " in shown  # mid is SEG's default site
+    on_page = _grid_png(page, "#strip-grid img", tmp_path / "page.png")
+    assert on_page.size[1] == rows * (32 * 3 + PAD) + PAD
+    assert np.array_equal(_tiles(on_page), _tiles(_run_command(shown, tmp_path / "cli.png", capsys)))
+
+
+def _pick(page, selector: str, option: str) -> None:
+    """Choose ``option`` in a Gradio dropdown as a user does: open it, click the option."""
+    page.click(f"{selector} input")
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_switching_the_model_shows_its_class_control_and_generates_with_it(browser_page, capsys, tmp_path):
+    page = browser_page
+    page.get_by_role("tab", name="Compare").click()
+    _set(page, "#steps input", "2")
+    _set(page, "#seeds input", "2")
+    for i, text in enumerate(["cfg:1.5; pag:0.5", "", "", "", "", ""]):
+        page.fill(f"#config-{i} textarea", text)
+    assert not page.locator("#class").is_visible()  # fmnist is unconditional
+    _pick(page, "#model", "fmnist-cond")
+    page.locator("#class").wait_for(state="visible")
+    _pick(page, "#class", "3")
+    page.click("#generate")
+    page.wait_for_selector("#compare-grid img")
+    page.wait_for_function("document.querySelector('#compare-command textarea').value.startsWith('pagkit')")
+    shown = page.locator("#compare-command textarea").input_value()
+    assert "--model fmnist-cond" in shown and "--class-label 3" in shown
+    on_page = _grid_png(page, "#compare-grid img", tmp_path / "page.png")
+    assert np.array_equal(_tiles(on_page), _tiles(_run_command(shown, tmp_path / "cli.png", capsys)))
+    _pick(page, "#model", "fmnist")  # back: no class, and CFG is refused with the CLI's message
+    page.locator("#class").wait_for(state="hidden")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#compare-error').innerText.includes('CFG needs')")
+    assert "CFG needs a class-conditional model" in page.inner_text("#compare-error")
+    assert page.locator("#compare-grid img").count() == 0
+
+
+def test_a_pipeline_folder_on_the_page_asks_for_a_prompt_and_shows_the_python_that_draws_it(browser_page,
+                                                                                         tmp_path):
+    page = browser_page
+    page.get_by_role("tab", name="Compare").click()
+    _set(page, "#steps input", "2")
+    _set(page, "#seeds input", "2")
+    for i, text in enumerate(["pag:2,layers=mid", "", "", "", "", ""]):
+        page.fill(f"#config-{i} textarea", text)
+    _pick(page, "#model", "tiny-sd")
+    page.locator("#prompt").wait_for(state="visible")
+    assert page.locator("#negative").is_visible() and not page.locator("#class").is_visible()
+    page.fill("#prompt textarea", "")
+    page.click("#generate")  # no prompt: the error, and nothing drawn (the last test's error goes first)
+    page.wait_for_function("document.querySelector('#compare-error').innerText.includes('give a prompt')")
+    assert "tiny-sd is a text-to-image pipeline: give a prompt" in page.inner_text("#compare-error")
+    assert page.locator("#compare-grid img").count() == 0
+    page.fill("#prompt textarea", "a red square")
+    page.click("#generate")
+    page.wait_for_selector("#compare-grid img")
+    page.wait_for_function("document.querySelector('#compare-command textarea').value.includes('pagkit.attach')")
+    labels = [page.inner_text(f"#compare-table [data-testid=cell-{i}-1]").strip() for i in range(2)]
+    assert labels == ["no guidance", "PAG 2 (layers=mid)"]
+    scope = {}
+    exec(page.locator("#compare-command textarea").input_value(), scope)  # noqa: S102 - as a user runs it
+    on_page = _grid_png(page, "#compare-grid img", tmp_path / "page.png")
+    assert on_page.size[1] == 2 * (32 * 3 + PAD) + PAD
+    for r, images in enumerate(scope["rows"].values()):  # each row's tiles: 3x zoomed, PAD apart
+        for c, image in enumerate(images):
+            top, left = PAD + r * (32 * 3 + PAD), c * (32 * 3 + PAD)
+            tile = _tiles(on_page)[top:top + 96:3, left:left + 96:3]
+            assert np.array_equal(tile, np.asarray(image.convert("RGB"))), (r, c)
+    _pick(page, "#model", "fmnist")  # back: the prompt goes
+    page.locator("#prompt").wait_for(state="hidden")

@@ -1,6 +1,7 @@
 """The studio page (Gradio Blocks). Thin: every callback calls ``pagkit.studio.core`` and shows what it returns.
 
-Four tabs share the model, sampler, steps, seed, seed count and class at the top: Compare (up to six
+Four tabs share the model, sampler, steps, seed, seed count and the model's condition at the top (a class, or a
+pipeline folder's prompt and negative prompt): Compare (up to six
 configurations on the same seeds), Scale strip (one method over a range of scales), Sites (the method at each
 perturbable site, one column each; a click puts that site into a configuration) and Results (an eval/tune OUT
 folder). A generation runs in a worker thread so the page can show one progress bar per row and Cancel can stop
@@ -20,6 +21,8 @@ from ..methods import METHODS  # noqa: E402
 from . import core  # noqa: E402
 
 ALL_CLASSES = "0..9 along the columns"
+# a pipeline folder's grid is not a `pagkit sample` run (it has no prompt): the page then shows the Python
+COMMAND_LABEL = "The same {} from the command line (for a pipeline folder: the Python, through pagkit.attach)"
 _CANCELS: dict[str, threading.Event] = {}  # per browser session: the running generation's cancel flag
 CSS = """
 #compare-progress table, #strip-progress table, #sites-progress table { width: 100%; border-collapse: collapse; }
@@ -91,10 +94,10 @@ def _drive(session: str, make_plan):
                                 f"{len(labels)} rows x {plan.args.num_images} seeds, {plan.args.steps} steps")
 
 
-def _request(model, scheduler, steps, seed, seeds, klass, configs=()) -> core.Request:
+def _request(model, scheduler, steps, seed, seeds, klass, prompt, negative, configs=()) -> core.Request:
     label = None if klass in (None, "", ALL_CLASSES) else klass
     return core.Request(model=model, configs=list(configs), seed=seed, num_images=seeds, scheduler=scheduler,
-                        steps=steps, class_label=label)
+                        steps=steps, class_label=label, prompt=prompt, negative_prompt=negative)
 
 
 def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) -> gr.Blocks:
@@ -109,7 +112,8 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
 
     with gr.Blocks(title="pagkit studio", analytics_enabled=False) as page:
         gr.Markdown("## pagkit studio\nAttention-perturbation guidance side by side. Every grid is a "
-                    "`pagkit sample` run; its command line is shown under it.")
+                    "`pagkit sample` run (a pipeline folder's: the pipeline under `pagkit.attach`); its command "
+                    "line (or Python) is shown under it.")
         with gr.Row():
             model_box = gr.Dropdown(core.list_models(models_root), value=model, label="Model",
                                     allow_custom_value=models_root is not None, elem_id="model", scale=2)
@@ -120,8 +124,11 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
             seeds = gr.Number(core.DEFAULT_SEEDS, label=f"Seeds (columns, at most {core.MAX_SEEDS})", precision=0,
                               elem_id="seeds")
             klass = gr.Dropdown([ALL_CLASSES], value=ALL_CLASSES, label="Class", visible=False, elem_id="class")
+        with gr.Row(visible=False) as prompt_row:  # a text-to-image pipeline's condition, shown only for one
+            prompt = gr.Textbox(label="Prompt", elem_id="prompt", scale=3)
+            negative = gr.Textbox(label="Negative prompt (optional)", elem_id="negative", scale=2)
         model_error = gr.HTML(elem_id="model-error")
-        shared = [model_box, scheduler, steps, seed, seeds, klass]
+        shared = [model_box, scheduler, steps, seed, seeds, klass, prompt, negative]
 
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
@@ -147,7 +154,7 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                                         show_label=False)
                 compare_table = gr.Dataframe(headers=["row", "label", "guidance", "s/image"], interactive=False,
                                              elem_id="compare-table")
-                compare_command = gr.Textbox(label="The same grid from the command line", interactive=False,
+                compare_command = gr.Textbox(label=COMMAND_LABEL.format("grid"), interactive=False, max_lines=30,
                                              buttons=["copy"], elem_id="compare-command")
 
             with gr.Tab("Scale strip", id="strip"):
@@ -164,7 +171,7 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                                       show_label=False)
                 strip_table = gr.Dataframe(headers=["row", "label", "mean pixel", "near-white %", "s/image"],
                                            interactive=False, elem_id="strip-table")
-                strip_command = gr.Textbox(label="The same strip from the command line", interactive=False,
+                strip_command = gr.Textbox(label=COMMAND_LABEL.format("strip"), interactive=False, max_lines=30,
                                            buttons=["copy"], elem_id="strip-command")
 
             with gr.Tab("Sites", id="sites"):
@@ -181,8 +188,8 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                 sites_grid = gr.Image(type="pil", format="png", interactive=False, show_label=False,
                                       elem_id="sites-grid")
                 sites_status = gr.Markdown(elem_id="sites-status")
-                sites_command = gr.Textbox(label="The same columns from the command line (as grid rows)",
-                                           interactive=False, buttons=["copy"], elem_id="sites-command")
+                sites_command = gr.Textbox(label=COMMAND_LABEL.format("columns (as grid rows)"), interactive=False,
+                                           max_lines=30, buttons=["copy"], elem_id="sites-command")
                 sites_state = gr.State([])
 
             with gr.Tab("Results", id="results"):
@@ -199,17 +206,20 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                                              label="plots and grids", elem_id="results-gallery")
 
         # ---- callbacks: each one calls core and shows its return ----
-        def on_model(name):
+        def on_model(name):  # the model's condition: a class, a prompt, or none
+            no_class = gr.update(visible=False, choices=[ALL_CLASSES], value=ALL_CLASSES)
             try:
-                labels = core.classes(name, models_root)
+                kind, labels = core.condition(name, models_root)
             except core.StudioError as err:
-                return gr.update(visible=False, choices=[ALL_CLASSES], value=ALL_CLASSES), _error(str(err))
-            if not labels:
-                return gr.update(visible=False, choices=[ALL_CLASSES], value=ALL_CLASSES), ""
-            return gr.update(visible=True, choices=[ALL_CLASSES] + [str(c) for c in labels], value=ALL_CLASSES), ""
+                return no_class, gr.update(visible=False), _error(str(err))
+            text = gr.update(visible=kind == "prompt")
+            if kind != "class":
+                return no_class, text, ""
+            return (gr.update(visible=True, choices=[ALL_CLASSES] + [str(c) for c in labels], value=ALL_CLASSES),
+                    text, "")
 
-        model_box.change(on_model, [model_box], [klass, model_error])
-        page.load(on_model, [model_box], [klass, model_error])
+        model_box.change(on_model, [model_box], [klass, prompt_row, model_error])
+        page.load(on_model, [model_box], [klass, prompt_row, model_error])
 
         def on_insert(name, *texts):
             try:
@@ -224,8 +234,10 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
         insert.click(on_insert, [method] + configs, configs + [compare_error])
 
         # (explicit parameters: Gradio passes gr.Request only to a parameter it can see in the signature)
-        def on_compare(model, scheduler, steps, seed, seeds, klass, c1, c2, c3, c4, c5, c6, request: gr.Request):
-            req = _request(model, scheduler, steps, seed, seeds, klass, configs=[c1, c2, c3, c4, c5, c6])
+        def on_compare(model, scheduler, steps, seed, seeds, klass, text, negative, c1, c2, c3, c4, c5, c6,
+                       request: gr.Request):
+            req = _request(model, scheduler, steps, seed, seeds, klass, text, negative,
+                           configs=[c1, c2, c3, c4, c5, c6])
             for kind, value in _drive(request.session_hash, lambda: core.plan(req, **roots)):
                 if kind == "start":  # the last grid goes: what shows is always what the command line draws
                     yield "", value, None, None, ""
@@ -240,9 +252,11 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                        [compare_error, compare_progress, compare_grid, compare_table, compare_command],
                        show_progress="hidden")
 
-        def on_strip(model, scheduler, steps, seed, seeds, klass, spec, scales, request: gr.Request):
+        def on_strip(model, scheduler, steps, seed, seeds, klass, text, negative, spec, scales,
+                     request: gr.Request):
             def make_plan():
-                req = core.strip_request(_request(model, scheduler, steps, seed, seeds, klass), spec, scales)
+                req = core.strip_request(_request(model, scheduler, steps, seed, seeds, klass, text, negative), spec,
+                                         scales)
                 return core.plan(req, max_configs=core.MAX_SCALES, **roots)
             for kind, value in _drive(request.session_hash, make_plan):
                 if kind == "start":
@@ -259,12 +273,13 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
         strip_go.click(on_strip, shared + [strip_spec, strip_scales],
                        [strip_error, strip_progress, strip_grid, strip_table, strip_command], show_progress="hidden")
 
-        def on_sites(model, scheduler, steps, seed, seeds, klass, spec, request: gr.Request):
+        def on_sites(model, scheduler, steps, seed, seeds, klass, text, negative, spec, request: gr.Request):
             found: dict[str, list] = {}
 
             def make_plan():
-                req, found["sites"] = core.sites_request(_request(model, scheduler, steps, seed, seeds, klass), spec,
-                                                         models_root=models_root)
+                req, found["sites"] = core.sites_request(
+                    _request(model, scheduler, steps, seed, seeds, klass, text, negative), spec,
+                    models_root=models_root)
                 return core.plan(req, max_configs=len(found["sites"]), **roots)
             for kind, value in _drive(request.session_hash, make_plan):
                 if kind == "start":

@@ -5,7 +5,9 @@ the CLI's own parser (so a bad number gets the CLI's message), its guidance is r
 ``pagkit.presets`` and checked by ``GuidedDenoiser`` as ``pagkit sample`` checks it, and the rows are sampled
 as ``pagkit sample --model M`` samples them: the same noise (one generator seeded with ``--seed`` draws all
 ``--num-images`` columns), the unguided row first, then the ``--guidance`` rows, then the ``--preset`` rows. So the
-command line the page shows reproduces its pixels (``tests/test_studio.py`` checks it through the CLI).
+command line the page shows reproduces its pixels (``tests/test_studio.py`` checks it through the CLI). A
+text-to-image pipeline folder (a prompt, no ``pagkit sample`` line) is the exception: ``studio/pipeline.py`` draws
+it with the pipeline under ``pagkit.attach`` and shows the Python instead.
 
 Files: models are the shipped ones, or folders under ``models_root`` (none unless given); presets and OUT folders
 only under ``files_root``. A path is resolved (links followed) before it is compared with its root, so neither
@@ -172,6 +174,8 @@ class Request:
     steps: object = DEFAULT_STEPS
     class_label: object = None  # None: 0..9 along the columns (conditional models)
     timestep_spacing: str | None = None
+    prompt: str | None = None  # text-to-image pipeline folders only (``condition(model) == "prompt"``)
+    negative_prompt: str | None = None
 
     def specs(self) -> list[str]:
         return [c.strip() for c in self.configs if c and c.strip() and not _is_preset(c)]
@@ -242,7 +246,8 @@ class Plan:
     scheduler: object
     rows: list[tuple[str, list]]
     conditional: bool
-    command: str
+    command: str  # the `pagkit sample` command line; for a pipeline, the Python that draws the same grid
+    pipeline: bool = False  # a text-to-image pipeline, drawn by its own __call__ under pagkit.attach
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -267,6 +272,9 @@ def plan(request: Request, *, models_root=None, files_root=None, max_configs: in
     if args.num_images > MAX_SEEDS:
         raise StudioError(f"--num-images {args.num_images}: the studio draws at most {MAX_SEEDS} seeds per "
                           f"configuration; run the command line for more")
+    if is_prompt_pipeline(model_name):
+        from .pipeline import plan_pipeline
+        return plan_pipeline(request, args, model_name)
     try:
         with _MODEL_LOCK:
             model, scheduler, rows, conditional = _check(args, model_name)
@@ -341,6 +349,9 @@ def draw(plan_: Plan, *, progress=None, cancel: threading.Event | None = None) -
     """Sample every row of ``plan_`` from the same noise, as ``pagkit sample --model`` does.
 
     ``progress(row, step, steps)`` after each step; ``cancel`` set: Cancelled after the running step."""
+    if plan_.pipeline:
+        from .pipeline import draw_pipeline
+        return draw_pipeline(plan_, progress=progress, cancel=cancel)
     from ..sample import sample
     from ..spec import format_spec
     args, model = plan_.args, plan_.model
@@ -491,8 +502,34 @@ def columns(result: Result, sites: list[str]) -> list[tuple[str | None, str, obj
     return [(site, row.spec, column_image(row.images)) for site, row in zip([None] + sites, result.rows)]
 
 
+def is_prompt_pipeline(model: str) -> bool:
+    """Whether ``model`` (a name or folder ``check_model`` returned) is a text-to-image pipeline folder: a
+    ``model_index.json`` with a tokenizer or text encoder. Those take a prompt and are drawn by the pipeline."""
+    index = Path(model) / "model_index.json"
+    if model in studio_models() or not index.is_file():
+        return False
+    import json
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise StudioError(f"{index} is not readable JSON: {err}") from None
+    return any(isinstance(components.get(key), list) and components[key][0] is not None
+               for key in ("tokenizer", "text_encoder"))
+
+
+def condition(model: str, models_root=None) -> tuple[str | None, list[int]]:
+    """What the page asks beside the model: ("prompt", []) for a text-to-image pipeline, ("class", labels) for a
+    class-conditional model, (None, []) for an unconditional one; StudioError for a refused model."""
+    if is_prompt_pipeline(check_model(model, models_root)):
+        return "prompt", []
+    labels = classes(model, models_root)
+    return ("class" if labels else None), labels
+
+
 def classes(model: str, models_root=None) -> list[int]:
     """The class labels a page may pick for ``model`` (none if unconditional; CFG's null class left out)."""
+    if is_prompt_pipeline(check_model(model, models_root)):
+        return []
     with _MODEL_LOCK:
         try:
             count = _model(check_model(model, models_root)).config.get("num_class_embeds") or 0
@@ -594,5 +631,7 @@ def method_template(name: str) -> str:
 
 
 __all__ = ["Request", "Plan", "Result", "Row", "Results", "StudioError", "Cancelled", "plan", "draw", "compare",
-           "scale_strip", "site_columns", "strip_request", "sites_request", "columns", "sites_grid", "column_at", "classes", "read_results", "command_line", "sample_argv", "check_model", "check_file",
-           "list_models", "list_results", "parse_scales", "strip_specs", "site_specs", "SCHEDULERS"]
+           "scale_strip", "site_columns", "condition", "is_prompt_pipeline", "strip_request", "sites_request",
+           "columns", "sites_grid", "column_at", "classes", "read_results", "command_line", "sample_argv",
+           "check_model", "check_file", "list_models", "list_results", "parse_scales", "strip_specs", "site_specs",
+           "SCHEDULERS"]
