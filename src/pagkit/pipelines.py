@@ -13,6 +13,10 @@ the other. Combination rules (APG, CFG-Zero*) on PAG/SEG/SLG/SAG terms work
 here (they change only Δ; CFG-Zero*'s zero-init zeroes both of the pipeline's
 predictions); a rule on the pipeline's own CFG cannot, and is refused. On exit,
 also after an exception, the denoiser's forward and processors are as before.
+
+A term with ``fold=True`` perturbs the pipeline's own unconditional prediction instead of adding rows: the ∅ half
+of its [∅; c] batch (or its separate ∅ call) gets the perturbation, and the pipeline's combination is then
+ε̂_u + w(ε_c − ε̂_u), at CFG's cost. Where the pipeline runs no CFG it is refused (see ``_check_fold``).
 """
 from __future__ import annotations
 
@@ -63,6 +67,31 @@ def _pipeline_cfg_scale(pipe, call_args: dict, timestep=None) -> float | None:
             return None
         w = call_args.get("guidance_scale")
         return float(w) if w is not None and w > 1.0 else None
+
+
+def _fold_without_cfg(pipe, folding) -> ValueError:
+    names = ", ".join(f"{type(t).__name__}(fold=True)" for t in folding)
+    return ValueError(f"{names} perturbs the unconditional prediction of {type(pipe).__name__}'s own CFG, but this "
+                      "call runs no CFG (e.g. guidance_scale <= 1, or true_cfg_scale <= 1 or no negative prompt "
+                      "where the pipeline has one): turn the pipeline's CFG on, or drop fold to add the term's own "
+                      "perturbed rows")
+
+
+def _check_fold(pipe, call_args: dict, folding) -> None:
+    """``fold=True`` terms need the pipeline's CFG: a call whose arguments switch it off for the whole run is refused
+    here, before its first step. Where the arguments do not tell (no ``guidance_scale``, a pipeline with a guider),
+    the first model call without CFG on a step where the term acts refuses instead (``_wrap_denoiser``)."""
+    if not folding or getattr(pipe, "guider", None) is not None:
+        return
+    if "true_cfg_scale" in call_args:  # Flux, Qwen-Image: CFG only as a second call with a negative prompt
+        runs_cfg = _separate_cfg_scale(call_args) is not None
+    elif call_args.get("guidance_scale") is not None:
+        w = float(call_args["guidance_scale"])
+        runs_cfg = w > 0 if type(pipe).__name__ in _CFG_PLUS_ONE else w > 1  # Z-Image guides when w > 0
+    else:
+        return
+    if not runs_cfg:
+        raise _fold_without_cfg(pipe, folding)
 
 
 def _check_call(pipe, call_args: dict) -> None:
@@ -246,7 +275,10 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
 
     ``guidance``: terms, or one list of them (``attach(pipe, pagkit.load_preset("preset.json"))``).
 
-    CFG stays the pipeline's own (its ``guidance_scale``); passing ``pagkit.CFG`` here is an error.
+    CFG stays the pipeline's own (its ``guidance_scale``); passing ``pagkit.CFG`` here is an error. A term with
+    ``fold=True`` (PAG, SEG, SLG, TPG, STG) perturbs the pipeline's unconditional rows (or its separate
+    unconditional call) instead of adding rows, so the pipeline computes ε̂_u + w(ε_c − ε̂_u); a call that runs no
+    CFG is refused.
     ``guidance_rescale`` is also the pipeline's own argument where it has one.
     A pipeline with a second expert (Wan 2.2's ``transformer_2``, the low-noise stage below its
     ``boundary_ratio``) has each expert guided, the terms bound to each model on its own, with that stage's CFG
@@ -280,8 +312,11 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     try:
         for expert, cfg_scale in experts:
             wrapped.append(_wrap_denoiser(pipe, expert, terms, guidance_rescale, call_args, cfg_scale))
+        folding = [t for t in terms if getattr(t, "fold", False)]
+
         def on_call():
             _check_call(pipe, call_args)
+            _check_fold(pipe, call_args, folding)
             for w in wrapped:
                 w.new_run()
         with _recording_call_arguments(pipe, call_args, on_call=on_call):
@@ -307,7 +342,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
     needs_scheduler = any(t.needs_scheduler for t in terms)
     streams = _AudioVideoStreams(pipe, model, terms) if _AudioVideoStreams.guides(model) else None
     denoiser = GuidedDenoiser(model, terms, scheduler=pipe.scheduler if needs_scheduler else None,
-                              guidance_rescale=guidance_rescale,
+                              guidance_rescale=guidance_rescale, external_cfg=True,
                               forward=original_forward if streams is None else streams.packed(original_forward))
 
     def guided_forward(*args, **kwargs):
@@ -339,7 +374,8 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
             name = context.get("name") or ("uncond" if step["calls"] % 2 else "cond")
             name = {"pred_cond": "cond", "pred_uncond": "uncond"}.get(name, name)  # a guider's names
             if name == "uncond":
-                result = original_forward(*args, **kwargs)
+                with denoiser.folding(x, inputs, progress):  # fold=True terms: this call gives ε̂_u
+                    result = original_forward(*args, **kwargs)
                 if not denoiser.begin_step(progress):
                     return result
                 # zero-init (CFG-Zero*): the pipeline's ε_u + w(ε_c' − ε_u) is 0 only if ε_u is 0 too
@@ -357,6 +393,9 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
             else:
                 out = denoiser.predict(x[half:], t_b, inputs_b, inputs_a, progress, external_cfg=w)
         else:
+            folding = denoiser.folds(progress)
+            if folding and not (_truncated_cfg(call_args, scheduler_t) or getattr(pipe, "guider", None) is not None):
+                raise _fold_without_cfg(pipe, folding)  # a step that CFG's own schedule leaves out folds nothing
             out = denoiser.predict(x, t, inputs, None, progress)
         if streams is not None:
             return streams.output(out, return_dict)
