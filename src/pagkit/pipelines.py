@@ -341,9 +341,28 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
     signature = inspect.signature(original_forward)
     needs_scheduler = any(t.needs_scheduler for t in terms)
     streams = _AudioVideoStreams(pipe, model, terms) if _AudioVideoStreams.guides(model) else None
+    # model.compile() (torch.compile of the module's call): left in place, dynamo would trace the guided forward
+    # too, whose per-step Python (the timestep as a float, the progress, the pipeline's arguments) breaks the graph
+    # and recompiles at every step. So the pipeline's call runs the guidance eagerly and the guidance calls the
+    # compiled call with the model's own forward in place: dynamo sees the model only, as under pagkit.sample.
+    compiled = getattr(model, "_compiled_call_impl", None)
+
+    def own_forward():
+        if had_own_forward:
+            model.forward = original_forward
+        else:
+            vars(model).pop("forward", None)
+
+    def compiled_forward(*args, **kwargs):
+        own_forward()
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            model.forward = guided_forward
+    model_forward = original_forward if compiled is None else compiled_forward
     denoiser = GuidedDenoiser(model, terms, scheduler=pipe.scheduler if needs_scheduler else None,
                               guidance_rescale=guidance_rescale, external_cfg=True,
-                              forward=original_forward if streams is None else streams.packed(original_forward))
+                              forward=model_forward if streams is None else streams.packed(model_forward))
 
     def guided_forward(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -357,7 +376,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         progress = _progress(pipe, scheduler_t)
         if streams is not None:  # LTX-2: both streams, each divided by its own factor
             if context.get("name") in streams.plain_contexts:
-                return original_forward(*args, **kwargs)
+                return model_forward(*args, **kwargs)
             divisors, batched = streams.divisors(x, inputs)
             w, w_separate = (divisors, None) if batched else (None, divisors)
         else:
@@ -375,7 +394,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
             name = {"pred_cond": "cond", "pred_uncond": "uncond"}.get(name, name)  # a guider's names
             if name == "uncond":
                 with denoiser.folding(x, inputs, progress):  # fold=True terms: this call gives ε̂_u
-                    result = original_forward(*args, **kwargs)
+                    result = model_forward(*args, **kwargs)
                 if not denoiser.begin_step(progress):
                     return result
                 # zero-init (CFG-Zero*): the pipeline's ε_u + w(ε_c' − ε_u) is 0 only if ε_u is 0 too
@@ -422,14 +441,15 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         denoiser.reset()
 
     model.forward = guided_forward
+    if compiled is not None:
+        model._compiled_call_impl = None  # the pipeline's call: eager, into guided_forward
     if original_context is not None:
         model.cache_context = naming_cache_context
 
     def restore():
-        if had_own_forward:
-            model.forward = original_forward
-        else:
-            del model.forward
+        own_forward()
+        if compiled is not None:
+            model._compiled_call_impl = compiled
         if original_context is not None:
             if had_own_context:
                 model.cache_context = original_context
