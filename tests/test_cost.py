@@ -1,6 +1,8 @@
 """Cheaper variants of the contrast terms (issue 19): difference caching (``cache=k``) and folding into CFG's
 unconditional branch (``fold=True``), on tiny random UNets, against reference loops written here with explicit
 forwards (``routing.routed`` with one perturbed segment, as tests/test_methods.py does)."""
+import inspect
+
 import pytest
 import torch
 
@@ -428,32 +430,49 @@ def test_fold_through_attach_without_cfg_is_refused_before_the_first_step():
             ddim(batch_size=1, num_inference_steps=2, output_type="np")
 
 
-def test_fold_through_attach_perturbs_fluxs_separate_uncond_call():
-    """Flux's true_cfg_scale runs ∅ as a second call: that call is perturbed (rows of the whole call), the conditional
-    one runs plain and alone; the pipeline's ε̂_u + w(ε_c − ε̂_u) equals a hand-made transformer forward doing so."""
+def _flux_true_cfg(steps):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=models.flux())
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 5, 24, generator=g), pooled_prompt_embeds=torch.randn(1, 12, generator=g),
+              negative_prompt_embeds=torch.randn(1, 5, 24, generator=g),
+              negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g), true_cfg_scale=4.0, height=48, width=64,
+              num_inference_steps=steps, output_type="latent")
+    return pipe, kw, ["double.1", "single.0"], "images", {"true_cfg_scale": 1.0}
 
+
+def _wan(steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    import video_models
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=video_models.wan())
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+              height=32, width=48, num_frames=9, guidance_scale=5.0, num_inference_steps=steps, output_type="latent")
+    return pipe, kw, "blocks.1", "frames", {"guidance_scale": 1.0}
+
+
+@pytest.mark.parametrize("make", [_flux_true_cfg, _wan], ids=["flux-true-cfg", "wan"])
+def test_fold_through_attach_perturbs_a_separate_uncond_call(make):
+    """Flux's true_cfg_scale and Wan run ∅ as a second call (Wan names it "uncond" in a cache_context): that call is
+    perturbed on all its rows, the conditional one runs plain and alone; the pipeline's ε̂_u + w(ε_c − ε̂_u) equals a
+    hand-made transformer forward doing so. A call without CFG is refused before its first step."""
     from pagkit.backends import detect
     from pagkit.perturb import Identity
-    layers, steps = ["double.1", "single.0"], 3
-    model = models.flux()
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)
+    steps = 3
+    pipe, kw, layers, output, no_cfg = make(steps)
     pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(0)
-    negative = torch.randn(1, 5, 24, generator=g)
-    kw = dict(prompt_embeds=torch.randn(1, 5, 24, generator=g), pooled_prompt_embeds=torch.randn(1, 12, generator=g),
-              negative_prompt_embeds=negative, negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g),
-              true_cfg_scale=4.0, height=48, width=64, num_inference_steps=steps, output_type="latent")
+    model, negative = pipe.transformer, kw["negative_prompt_embeds"]
     forward = type(model).forward.__get__(model)
     names = pagkit.resolve_layers(model, layers)
-    calls = []
 
-    def hand(**call):  # the reference: the ∅ call (its text is the negative one) fully perturbed, ε_c plain
+    def hand(*args, **call):  # the reference: the ∅ call (its text is the negative one) fully perturbed, ε_c plain
+        call = inspect.signature(forward).bind(*args, **call).arguments
+        call.update(call.pop("kwargs", {}) or {})
         call["return_dict"] = False
-        is_uncond = torch.equal(call["encoder_hidden_states"], negative)
-        calls.append((call["hidden_states"].shape[0], is_uncond))
-        if not is_uncond:
+        if not torch.equal(call["encoder_hidden_states"], negative):
             return forward(**call)
         backend, x = detect(model), call["hidden_states"]
         with routed(model, names, backend) as router:
@@ -461,31 +480,28 @@ def test_fold_through_attach_perturbs_fluxs_separate_uncond_call():
             router.plan = [Segment(0, x.shape[0], {n: Identity() for n in names})]
             return forward(**call)
 
-    def run(*terms, hand_forward=None):
-        if hand_forward is not None:
-            model.forward = hand_forward
+    def run(*terms, model_forward=None):
+        if model_forward is not None:
+            model.forward = model_forward
         try:
             with pagkit.attach(pipe, *terms) if terms else torch.no_grad():
-                return pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+                return getattr(pipe(**kw, generator=torch.Generator().manual_seed(1)), output)
         finally:
             vars(model).pop("forward", None)
 
-    expected = run(hand_forward=hand)
+    calls = []
+
     def recording(*args, **call):  # what attach sends the model (attach wraps this forward)
         x = args[0] if args else call["hidden_states"]
         calls.append((x.shape[0], torch.equal(call["encoder_hidden_states"], negative)))
         return forward(*args, **call)
     recording.__wrapped__ = forward  # the model's signature, which attach binds
-    model.forward = recording
-    calls.clear()
-    try:
-        with pagkit.attach(pipe, pagkit.PAG(2.0, layers=layers, fold=True)):
-            attached = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
-    finally:
-        del model.forward
+
+    expected = run(model_forward=hand)
+    attached = run(pagkit.PAG(2.0, layers=layers, fold=True), model_forward=recording)
     assert calls == [(1, False), (1, True)] * steps  # c, then ∅: one row each, no extra rows
     torch.testing.assert_close(attached, expected, rtol=0, atol=1e-5)
     assert (attached - run()).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="this call runs no CFG"):  # true_cfg_scale 1: no ∅ call to fold into
+    with pytest.raises(ValueError, match="this call runs no CFG"):  # no ∅ call to fold into
         with pagkit.attach(pipe, pagkit.PAG(2.0, layers=layers, fold=True)):
-            pipe(**{**kw, "true_cfg_scale": 1.0})
+            pipe(**{**kw, **no_cfg})
