@@ -99,7 +99,7 @@ def _check_call(pipe, call_args: dict) -> None:
     if call_args.get("cfg_normalization"):
         raise ValueError(f"{type(pipe).__name__}'s cfg_normalization clamps the guided prediction to a multiple of "
                          "‖ε_c‖, which pagkit's terms change: set cfg_normalization=False under pagkit.attach")
-    if _AudioVideoStreams.guides(getattr(pipe, "transformer", None)) and (
+    if _AudioVideoStreams.guides(_unwrapped(getattr(pipe, "transformer", None))) and (
             (call_args.get("guidance_rescale") or 0) > 0 or (call_args.get("audio_guidance_rescale") or 0) > 0):
         raise ValueError("LTX2Pipeline's guidance_rescale (0.7 by default) rescales towards the std of x̂₀_c, "
                          "which pagkit's terms change: pass guidance_rescale=0 and audio_guidance_rescale=0 "
@@ -333,32 +333,43 @@ class _Wrapped:
         self.new_run, self.restore = new_run, restore
 
 
-def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_scale) -> _Wrapped:
-    """Replace ``model``'s forward by the guided one (see ``attach``); ``cfg_scale(call_args, t)``: the CFG scale the
-    pipeline applies to this model's predictions at scheduler timestep t, or None."""
-    had_own_forward = "forward" in vars(model)  # e.g. accelerate's offload hooks
-    original_forward = model.forward
-    signature = inspect.signature(original_forward)
+def _unwrapped(module):
+    """The module itself, or the one ``torch.compile(module)`` wraps (an ``OptimizedModule``)."""
+    # by name: importing torch._dynamo for the class would slow every ``import pagkit``
+    return module._orig_mod if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod") else module
+
+
+def _wrap_denoiser(pipe, outer, terms, guidance_rescale, call_args: dict, cfg_scale) -> _Wrapped:
+    """Replace the forward of ``outer`` (the pipeline's denoiser) by the guided one (see ``attach``);
+    ``cfg_scale(call_args, t)``: the CFG scale the pipeline applies to this model's predictions at scheduler
+    timestep t, or None.
+
+    Compiled models: a denoiser compiled in place (``model.compile()``) or wrapped (``torch.compile(model)``), left
+    as it is, would have dynamo trace the guided forward too, whose per-step Python (the timestep as a float, the
+    progress, the pipeline's arguments) breaks the graph and recompiles at every step. So the pipeline's call runs
+    the guidance eagerly, and the guidance calls the compiled call of the model alone: dynamo sees the model only,
+    as under pagkit.sample."""
+    model = _unwrapped(outer)  # the model guided (its family, sites); ``outer`` is what the pipeline calls
+    had_own_forward = "forward" in vars(outer)  # e.g. accelerate's offload hooks; an OptimizedModule's compiled call
+    original_forward = outer.forward
+    signature = inspect.signature(model.forward if outer is not model else original_forward)
     needs_scheduler = any(t.needs_scheduler for t in terms)
     streams = _AudioVideoStreams(pipe, model, terms) if _AudioVideoStreams.guides(model) else None
-    # model.compile() (torch.compile of the module's call): left in place, dynamo would trace the guided forward
-    # too, whose per-step Python (the timestep as a float, the progress, the pipeline's arguments) breaks the graph
-    # and recompiles at every step. So the pipeline's call runs the guidance eagerly and the guidance calls the
-    # compiled call with the model's own forward in place: dynamo sees the model only, as under pagkit.sample.
-    compiled = getattr(model, "_compiled_call_impl", None)
+    compiled = getattr(outer, "_compiled_call_impl", None)  # model.compile(): torch.compile of the module's call
 
     def own_forward():
         if had_own_forward:
-            model.forward = original_forward
+            outer.forward = original_forward
         else:
-            vars(model).pop("forward", None)
+            vars(outer).pop("forward", None)
 
-    def compiled_forward(*args, **kwargs):
+    def compiled_forward(*args, **kwargs):  # the compiled call, with the model's own forward in place
         own_forward()
         try:
             return compiled(*args, **kwargs)
         finally:
-            model.forward = guided_forward
+            outer.forward = guided_forward
+    # an OptimizedModule's forward is already the compiled call of the model it wraps
     model_forward = original_forward if compiled is None else compiled_forward
     denoiser = GuidedDenoiser(model, terms, scheduler=pipe.scheduler if needs_scheduler else None,
                               guidance_rescale=guidance_rescale, external_cfg=True,
@@ -424,8 +435,8 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
     cond_first = type(pipe).__name__ in _COND_FIRST
     step: dict = {}  # the last timestep and how many calls it has had (separate-call CFG)
     context: dict = {}  # the name of the pipeline's current cache_context ("cond", "uncond"), if it opens one
-    had_own_context = "cache_context" in vars(model)
-    original_context = getattr(model, "cache_context", None)
+    had_own_context = "cache_context" in vars(outer)
+    original_context = getattr(outer, "cache_context", None)
 
     @contextmanager
     def naming_cache_context(name, *args, **kwargs):
@@ -440,19 +451,19 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         step.clear()
         denoiser.reset()
 
-    model.forward = guided_forward
+    outer.forward = guided_forward
     if compiled is not None:
-        model._compiled_call_impl = None  # the pipeline's call: eager, into guided_forward
+        outer._compiled_call_impl = None  # the pipeline's call: eager, into guided_forward
     if original_context is not None:
-        model.cache_context = naming_cache_context
+        outer.cache_context = naming_cache_context
 
     def restore():
         own_forward()
         if compiled is not None:
-            model._compiled_call_impl = compiled
+            outer._compiled_call_impl = compiled
         if original_context is not None:
             if had_own_context:
-                model.cache_context = original_context
+                outer.cache_context = original_context
             else:
-                del model.cache_context
+                del outer.cache_context
     return _Wrapped(new_run, restore)
