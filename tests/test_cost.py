@@ -1,6 +1,8 @@
 """Cheaper variants of the contrast terms (issue 19): difference caching (``cache=k``) and folding into CFG's
 unconditional branch (``fold=True``), on tiny random UNets, against reference loops written here with explicit
 forwards (``routing.routed`` with one perturbed segment, as tests/test_methods.py does)."""
+import inspect
+
 import pytest
 import torch
 
@@ -333,3 +335,173 @@ def test_bench_gpu_script_refuses_bad_input_in_one_line(argv, words, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_gpu: error: ") and words in err
     assert not (tmp_path / "b.md").exists()
+
+
+# --- folding through pagkit.attach: the pipeline's own CFG rows ------------------------------------------------
+
+def _sd_pipe():
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(unet=models.sd_unet(), vae=models.vae(), scheduler=models.ddim(), text_encoder=None,
+                                   tokenizer=None, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SD_EMBEDS = [torch.randn(B, 7, 24, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+SD_LATENTS = torch.randn(B, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def _sd_run(pipe, *terms, w=3.0, steps=5):
+    emb, neg = SD_EMBEDS
+    kw = dict(prompt_embeds=emb, negative_prompt_embeds=neg, latents=SD_LATENTS.clone(), num_inference_steps=steps,
+              guidance_scale=w, output_type="latent", height=32, width=32)
+    if not terms:
+        return pipe(**kw).images
+    with pagkit.attach(pipe, *terms):
+        return pipe(**kw).images
+
+
+@pytest.mark.parametrize("term", [pagkit.PAG(2.0, layers="mid", fold=True),
+                                  pagkit.SEG(1.0, layers="*", start=0.2, stop=0.6, fold=True)], ids=["pag", "seg-0.2-0.6"])
+def test_fold_through_attach_is_sample_with_pagkit_cfg_at_cfg_cost(term):
+    """attach(pipe, PAG(fold=True)) on a pipeline batching [∅; c]: its ∅ rows are perturbed, its own combination gives
+    ε̂_u + w(ε_c − ε̂_u), exactly pagkit.sample's CFG(w) + PAG(fold=True); one model call of 2·B rows per step."""
+    pipe, w, steps = _sd_pipe(), 3.0, 5
+    unet = pipe.unet
+    forwards = {n: vars(m).get("forward") for n, m in unet.named_modules()}
+    rows = []
+    handle = unet.conv_in.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))  # rows the UNet computes
+    try:
+        attached = _sd_run(pipe, term, w=w, steps=steps)
+    finally:
+        handle.remove()
+    assert rows == [2 * B] * steps
+    sampled = pagkit.sample(unet, models.ddim(), batch_size=B, num_inference_steps=steps, latents=SD_LATENTS,
+                            guidance=[pagkit.CFG(w), term], encoder_hidden_states=SD_EMBEDS[0],
+                            negative_encoder_hidden_states=SD_EMBEDS[1], progress_bar=False)
+    torch.testing.assert_close(attached, sampled, rtol=1e-5, atol=1e-5)
+    plain = _sd_run(pipe, w=w, steps=steps)
+    assert (attached - plain).abs().max() > 1e-3  # the fold acted
+    assert {n: vars(m).get("forward") for n, m in unet.named_modules()} == forwards  # restored
+    assert torch.equal(_sd_run(pipe, w=w, steps=steps), plain)
+
+
+def test_fold_through_attach_respects_its_interval():
+    """Outside [start, stop) the step is the pipeline's plain CFG: a fold over the last 40% only equals, step for
+    step, plain CFG for the first 60%."""
+    pipe, steps = _sd_pipe(), 5
+    seen = {}
+
+    def recorder(name):
+        def callback(pipe, i, t, tensors):
+            seen.setdefault(name, []).append(tensors["latents"].clone())
+            return tensors
+        return callback
+    emb, neg = SD_EMBEDS
+    kw = dict(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, guidance_scale=3.0,
+              output_type="latent", height=32, width=32)
+    pipe(**kw, latents=SD_LATENTS.clone(), callback_on_step_end=recorder("plain"))
+    with pagkit.attach(pipe, pagkit.PAG(2.0, layers="mid", start=0.6, fold=True)):
+        pipe(**kw, latents=SD_LATENTS.clone(), callback_on_step_end=recorder("fold"))
+    for i in range(3):  # steps 0, 1, 2: progress 0, 0.2, 0.4 < 0.6
+        assert torch.equal(seen["fold"][i], seen["plain"][i])
+    assert (seen["fold"][3] - seen["plain"][3]).abs().max() > 1e-4
+
+
+def test_fold_through_attach_without_cfg_is_refused_before_the_first_step():
+    pipe = _sd_pipe()
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"PAG\(fold=True\) perturbs the unconditional prediction of "
+                                             r"StableDiffusionPipeline's own CFG, but this call runs no CFG"):
+            _sd_run(pipe, pagkit.PAG(2.0, layers="mid", fold=True), w=1.0)
+    finally:
+        handle.remove()
+    assert calls == []
+    assert "forward" not in vars(pipe.unet)
+    # a pipeline with no CFG at all (DDIMPipeline, no guidance_scale): refused at its first model call
+    from diffusers import DDIMPipeline
+    ddim = DDIMPipeline(unet=models.unet2d(), scheduler=models.ddim())
+    ddim.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="this call runs no CFG"):
+        with pagkit.attach(ddim, pagkit.PAG(2.0, layers="mid", fold=True)):
+            ddim(batch_size=1, num_inference_steps=2, output_type="np")
+
+
+def _flux_true_cfg(steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=models.flux())
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 5, 24, generator=g), pooled_prompt_embeds=torch.randn(1, 12, generator=g),
+              negative_prompt_embeds=torch.randn(1, 5, 24, generator=g),
+              negative_pooled_prompt_embeds=torch.randn(1, 12, generator=g), true_cfg_scale=4.0, height=48, width=64,
+              num_inference_steps=steps, output_type="latent")
+    return pipe, kw, ["double.1", "single.0"], "images", {"true_cfg_scale": 1.0}
+
+
+def _wan(steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    import video_models
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=video_models.wan())
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+              height=32, width=48, num_frames=9, guidance_scale=5.0, num_inference_steps=steps, output_type="latent")
+    return pipe, kw, "blocks.1", "frames", {"guidance_scale": 1.0}
+
+
+@pytest.mark.parametrize("make", [_flux_true_cfg, _wan], ids=["flux-true-cfg", "wan"])
+def test_fold_through_attach_perturbs_a_separate_uncond_call(make):
+    """Flux's true_cfg_scale and Wan run ∅ as a second call (Wan names it "uncond" in a cache_context): that call is
+    perturbed on all its rows, the conditional one runs plain and alone; the pipeline's ε̂_u + w(ε_c − ε̂_u) equals a
+    hand-made transformer forward doing so. A call without CFG is refused before its first step."""
+    from pagkit.backends import detect
+    from pagkit.perturb import Identity
+    steps = 3
+    pipe, kw, layers, output, no_cfg = make(steps)
+    pipe.set_progress_bar_config(disable=True)
+    model, negative = pipe.transformer, kw["negative_prompt_embeds"]
+    forward = type(model).forward.__get__(model)
+    names = pagkit.resolve_layers(model, layers)
+
+    def hand(*args, **call):  # the reference: the ∅ call (its text is the negative one) fully perturbed, ε_c plain
+        call = inspect.signature(forward).bind(*args, **call).arguments
+        call.update(call.pop("kwargs", {}) or {})
+        call["return_dict"] = False
+        if not torch.equal(call["encoder_hidden_states"], negative):
+            return forward(**call)
+        backend, x = detect(model), call["hidden_states"]
+        with routed(model, names, backend) as router:
+            router.info = backend.forward_info(model, x, call)
+            router.plan = [Segment(0, x.shape[0], {n: Identity() for n in names})]
+            return forward(**call)
+
+    def run(*terms, model_forward=None):
+        if model_forward is not None:
+            model.forward = model_forward
+        try:
+            with pagkit.attach(pipe, *terms) if terms else torch.no_grad():
+                return getattr(pipe(**kw, generator=torch.Generator().manual_seed(1)), output)
+        finally:
+            vars(model).pop("forward", None)
+
+    calls = []
+
+    def recording(*args, **call):  # what attach sends the model (attach wraps this forward)
+        x = args[0] if args else call["hidden_states"]
+        calls.append((x.shape[0], torch.equal(call["encoder_hidden_states"], negative)))
+        return forward(*args, **call)
+    recording.__wrapped__ = forward  # the model's signature, which attach binds
+
+    expected = run(model_forward=hand)
+    attached = run(pagkit.PAG(2.0, layers=layers, fold=True), model_forward=recording)
+    assert calls == [(1, False), (1, True)] * steps  # c, then ∅: one row each, no extra rows
+    torch.testing.assert_close(attached, expected, rtol=0, atol=1e-5)
+    assert (attached - run()).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="this call runs no CFG"):  # no ∅ call to fold into
+        with pagkit.attach(pipe, pagkit.PAG(2.0, layers=layers, fold=True)):
+            pipe(**{**kw, **no_cfg})

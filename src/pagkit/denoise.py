@@ -45,6 +45,9 @@ class GuidedDenoiser:
     ``check_finite``: stop with ``NonFiniteGuidance``, naming the step and the terms, when guidance makes the
     prediction NaN or inf while ε_c is finite (a silent NaN would only show as black images); False skips
     the check (one reduction per step).
+    ``external_cfg``: the caller applies CFG itself (``attach``: the pipeline's own), so a ``fold=True`` term needs
+    no pagkit.CFG term: it folds onto the caller's unconditional rows (``predict(..., external_cfg=w)``, or
+    ``folding`` around a separate unconditional call).
 
     Terms' combination rules (``rule=``, pagkit.methods.rules) keep state over a sampling run (APG's momentum)
     and may zero a run's first steps (CFG-Zero*). A run starts at the first call, after ``reset()``, or when
@@ -53,7 +56,7 @@ class GuidedDenoiser:
     """
 
     def __init__(self, model, guidance=(), *, scheduler=None, guidance_rescale: float = 0.0, forward=None,
-                 prefix_sharing: bool = True, check_finite: bool = True):
+                 prefix_sharing: bool = True, check_finite: bool = True, external_cfg: bool = False):
         self.model = model
         self.check_finite = check_finite
         self.backend = detect(model)  # one clear error for an unknown family, before any work
@@ -74,10 +77,10 @@ class GuidedDenoiser:
                              "ε̃ is rescaled once: set rescale on one term only")
         self.rules = [m.rule for m in self.methods if m.rule is not None]
         folding = [m for m in self.methods if getattr(m, "folds", False)]
-        if folding and self.base is None:
+        if folding and self.base is None and not external_cfg:
             raise ValueError(f"{type(folding[0].term).__name__}(fold=True) perturbs CFG's unconditional branch and "
-                             "needs a pagkit.CFG term in the same guidance (pagkit.sample / pagkit.guide; a diffusers "
-                             "pipeline's own CFG through pagkit.attach is not supported): add CFG(w) or drop fold")
+                             "needs a pagkit.CFG term in the same guidance (pagkit.sample / pagkit.guide; through "
+                             "pagkit.attach the pipeline's own CFG): add CFG(w) or drop fold")
         if len(folding) > 1:
             raise ValueError(f"{len(folding)} terms fold into CFG's unconditional branch; at most one may "
                              f"({', '.join(type(m.term).__name__ for m in folding)})")
@@ -99,6 +102,28 @@ class GuidedDenoiser:
             self._index += 1
         self._progress = progress
         return any(rule.zeroes(self._index) for rule in self.rules)
+
+    def folds(self, progress: float) -> list[GuidanceTerm]:
+        """The ``fold=True`` terms that perturb the unconditional rows at ``progress`` (where CFG is active)."""
+        return [m.term for m in self.methods if getattr(m, "folds", False) and m.term.active(progress)]
+
+    @contextlib.contextmanager
+    def folding(self, x: torch.Tensor, inputs: dict, progress: float):
+        """Around the caller's own call of the model on unconditional rows only (a pipeline's separate ∅ call,
+        ``x``/``inputs`` its batch): the active ``fold=True`` terms' patches act on every row of it, so it returns
+        ε̂_u; nothing is patched where no such term is active."""
+        patches = {}
+        for method in self.methods:
+            if getattr(method, "folds", False) and method.term.active(progress):
+                patches.update(method.patches)
+        if not patches:
+            yield
+            return
+        with routed(self.model, sorted(patches), self.backend) as router:
+            router.info = self.backend.forward_info(self.model, x, inputs)
+            router.batch = x.shape[0]
+            router.plan = [Segment(0, x.shape[0], patches)]
+            yield
 
     def branches(self, progress: float, external_cfg: float | None = None
                  ) -> tuple[list[Branch], dict[str, float], float | None]:

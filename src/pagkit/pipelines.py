@@ -13,6 +13,10 @@ the other. Combination rules (APG, CFG-Zero*) on PAG/SEG/SLG/SAG terms work
 here (they change only Δ; CFG-Zero*'s zero-init zeroes both of the pipeline's
 predictions); a rule on the pipeline's own CFG cannot, and is refused. On exit,
 also after an exception, the denoiser's forward and processors are as before.
+
+A term with ``fold=True`` perturbs the pipeline's own unconditional prediction instead of adding rows: the ∅ half
+of its [∅; c] batch (or its separate ∅ call) gets the perturbation, and the pipeline's combination is then
+ε̂_u + w(ε_c − ε̂_u), at CFG's cost. Where the pipeline runs no CFG it is refused (see ``_check_fold``).
 """
 from __future__ import annotations
 
@@ -64,12 +68,37 @@ def _pipeline_cfg_scale(pipe, call_args: dict, timestep=None) -> float | None:
         return float(w) if w is not None and w > 1.0 else None
 
 
+def _fold_without_cfg(pipe, folding) -> ValueError:
+    names = ", ".join(f"{type(t).__name__}(fold=True)" for t in folding)
+    return ValueError(f"{names} perturbs the unconditional prediction of {type(pipe).__name__}'s own CFG, but this "
+                      "call runs no CFG (e.g. guidance_scale <= 1, or true_cfg_scale <= 1 or no negative prompt "
+                      "where the pipeline has one): turn the pipeline's CFG on, or drop fold to add the term's own "
+                      "perturbed rows")
+
+
+def _check_fold(pipe, call_args: dict, folding) -> None:
+    """``fold=True`` terms need the pipeline's CFG: a call whose arguments switch it off for the whole run is refused
+    here, before its first step. Where the arguments do not tell (no ``guidance_scale``, a pipeline with a guider),
+    the first model call without CFG on a step where the term acts refuses instead (``_wrap_denoiser``)."""
+    if not folding or getattr(pipe, "guider", None) is not None:
+        return
+    if "true_cfg_scale" in call_args:  # Flux, Qwen-Image: CFG only as a second call with a negative prompt
+        runs_cfg = _separate_cfg_scale(call_args) is not None
+    elif call_args.get("guidance_scale") is not None:
+        w = float(call_args["guidance_scale"])
+        runs_cfg = w > 0 if type(pipe).__name__ in _CFG_PLUS_ONE else w > 1  # Z-Image guides when w > 0
+    else:
+        return
+    if not runs_cfg:
+        raise _fold_without_cfg(pipe, folding)
+
+
 def _check_call(pipe, call_args: dict) -> None:
     """The arguments of a pipeline call that pagkit's terms cannot be added under, refused before its first step."""
     if call_args.get("cfg_normalization"):
         raise ValueError(f"{type(pipe).__name__}'s cfg_normalization clamps the guided prediction to a multiple of "
                          "‖ε_c‖, which pagkit's terms change: set cfg_normalization=False under pagkit.attach")
-    if _AudioVideoStreams.guides(getattr(pipe, "transformer", None)) and (
+    if _AudioVideoStreams.guides(_unwrapped(getattr(pipe, "transformer", None))) and (
             (call_args.get("guidance_rescale") or 0) > 0 or (call_args.get("audio_guidance_rescale") or 0) > 0):
         raise ValueError("LTX2Pipeline's guidance_rescale (0.7 by default) rescales towards the std of x̂₀_c, "
                          "which pagkit's terms change: pass guidance_rescale=0 and audio_guidance_rescale=0 "
@@ -245,7 +274,10 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
 
     ``guidance``: terms, or one list of them (``attach(pipe, pagkit.load_preset("preset.json"))``).
 
-    CFG stays the pipeline's own (its ``guidance_scale``); passing ``pagkit.CFG`` here is an error.
+    CFG stays the pipeline's own (its ``guidance_scale``); passing ``pagkit.CFG`` here is an error. A term with
+    ``fold=True`` (PAG, SEG, SLG, TPG, STG) perturbs the pipeline's unconditional rows (or its separate
+    unconditional call) instead of adding rows, so the pipeline computes ε̂_u + w(ε_c − ε̂_u); a call that runs no
+    CFG is refused.
     ``guidance_rescale`` is also the pipeline's own argument where it has one.
     A pipeline with a second expert (Wan 2.2's ``transformer_2``, the low-noise stage below its
     ``boundary_ratio``) has each expert guided, the terms bound to each model on its own, with that stage's CFG
@@ -279,8 +311,11 @@ def attach(pipe, *guidance, guidance_rescale: float = 0.0):
     try:
         for expert, cfg_scale in experts:
             wrapped.append(_wrap_denoiser(pipe, expert, terms, guidance_rescale, call_args, cfg_scale))
+        folding = [t for t in terms if getattr(t, "fold", False)]
+
         def on_call():
             _check_call(pipe, call_args)
+            _check_fold(pipe, call_args, folding)
             for w in wrapped:
                 w.new_run()
         with _recording_call_arguments(pipe, call_args, on_call=on_call):
@@ -297,17 +332,47 @@ class _Wrapped:
         self.new_run, self.restore = new_run, restore
 
 
-def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_scale) -> _Wrapped:
-    """Replace ``model``'s forward by the guided one (see ``attach``); ``cfg_scale(call_args, t)``: the CFG scale the
-    pipeline applies to this model's predictions at scheduler timestep t, or None."""
-    had_own_forward = "forward" in vars(model)  # e.g. accelerate's offload hooks
-    original_forward = model.forward
-    signature = inspect.signature(original_forward)
+def _unwrapped(module):
+    """The module itself, or the one ``torch.compile(module)`` wraps (an ``OptimizedModule``)."""
+    # by name: importing torch._dynamo for the class would slow every ``import pagkit``
+    return module._orig_mod if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod") else module
+
+
+def _wrap_denoiser(pipe, outer, terms, guidance_rescale, call_args: dict, cfg_scale) -> _Wrapped:
+    """Replace the forward of ``outer`` (the pipeline's denoiser) by the guided one (see ``attach``);
+    ``cfg_scale(call_args, t)``: the CFG scale the pipeline applies to this model's predictions at scheduler
+    timestep t, or None.
+
+    Compiled models: a denoiser compiled in place (``model.compile()``) or wrapped (``torch.compile(model)``), left
+    as it is, would have dynamo trace the guided forward too, whose per-step Python (the timestep as a float, the
+    progress, the pipeline's arguments) breaks the graph and recompiles at every step. So the pipeline's call runs
+    the guidance eagerly, and the guidance calls the compiled call of the model alone: dynamo sees the model only,
+    as under pagkit.sample."""
+    model = _unwrapped(outer)  # the model guided (its family, sites); ``outer`` is what the pipeline calls
+    had_own_forward = "forward" in vars(outer)  # e.g. accelerate's offload hooks; an OptimizedModule's compiled call
+    original_forward = outer.forward
+    signature = inspect.signature(model.forward if outer is not model else original_forward)
     needs_scheduler = any(t.needs_scheduler for t in terms)
     streams = _AudioVideoStreams(pipe, model, terms) if _AudioVideoStreams.guides(model) else None
+    compiled = getattr(outer, "_compiled_call_impl", None)  # model.compile(): torch.compile of the module's call
+
+    def own_forward():
+        if had_own_forward:
+            outer.forward = original_forward
+        else:
+            vars(outer).pop("forward", None)
+
+    def compiled_forward(*args, **kwargs):  # the compiled call, with the model's own forward in place
+        own_forward()
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            outer.forward = guided_forward
+    # an OptimizedModule's forward is already the compiled call of the model it wraps
+    model_forward = original_forward if compiled is None else compiled_forward
     denoiser = GuidedDenoiser(model, terms, scheduler=pipe.scheduler if needs_scheduler else None,
-                              guidance_rescale=guidance_rescale,
-                              forward=original_forward if streams is None else streams.packed(original_forward))
+                              guidance_rescale=guidance_rescale, external_cfg=True,
+                              forward=model_forward if streams is None else streams.packed(model_forward))
 
     def guided_forward(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -321,7 +386,7 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         progress = _progress(pipe, scheduler_t)
         if streams is not None:  # LTX-2: both streams, each divided by its own factor
             if context.get("name") in streams.plain_contexts:
-                return original_forward(*args, **kwargs)
+                return model_forward(*args, **kwargs)
             divisors, batched = streams.divisors(x, inputs)
             w, w_separate = (divisors, None) if batched else (None, divisors)
         else:
@@ -338,7 +403,8 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
             name = context.get("name") or ("uncond" if step["calls"] % 2 else "cond")
             name = {"pred_cond": "cond", "pred_uncond": "uncond"}.get(name, name)  # a guider's names
             if name == "uncond":
-                result = original_forward(*args, **kwargs)
+                with denoiser.folding(x, inputs, progress):  # fold=True terms: this call gives ε̂_u
+                    result = model_forward(*args, **kwargs)
                 if not denoiser.begin_step(progress):
                     return result
                 # zero-init (CFG-Zero*): the pipeline's ε_u + w(ε_c' − ε_u) is 0 only if ε_u is 0 too
@@ -356,6 +422,9 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
             else:
                 out = denoiser.predict(x[half:], t_b, inputs_b, inputs_a, progress, external_cfg=w)
         else:
+            folding = denoiser.folds(progress)
+            if folding and not (_truncated_cfg(call_args, scheduler_t) or getattr(pipe, "guider", None) is not None):
+                raise _fold_without_cfg(pipe, folding)  # a step that CFG's own schedule leaves out folds nothing
             out = denoiser.predict(x, t, inputs, None, progress)
         if streams is not None:
             return streams.output(out, return_dict)
@@ -364,8 +433,8 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
     cond_first = type(pipe).__name__ in _COND_FIRST
     step: dict = {}  # the last timestep and how many calls it has had (separate-call CFG)
     context: dict = {}  # the name of the pipeline's current cache_context ("cond", "uncond"), if it opens one
-    had_own_context = "cache_context" in vars(model)
-    original_context = getattr(model, "cache_context", None)
+    had_own_context = "cache_context" in vars(outer)
+    original_context = getattr(outer, "cache_context", None)
 
     @contextmanager
     def naming_cache_context(name, *args, **kwargs):
@@ -380,18 +449,19 @@ def _wrap_denoiser(pipe, model, terms, guidance_rescale, call_args: dict, cfg_sc
         step.clear()
         denoiser.reset()
 
-    model.forward = guided_forward
+    outer.forward = guided_forward
+    if compiled is not None:
+        outer._compiled_call_impl = None  # the pipeline's call: eager, into guided_forward
     if original_context is not None:
-        model.cache_context = naming_cache_context
+        outer.cache_context = naming_cache_context
 
     def restore():
-        if had_own_forward:
-            model.forward = original_forward
-        else:
-            del model.forward
+        own_forward()
+        if compiled is not None:
+            outer._compiled_call_impl = compiled
         if original_context is not None:
             if had_own_context:
-                model.cache_context = original_context
+                outer.cache_context = original_context
             else:
-                del model.cache_context
+                del outer.cache_context
     return _Wrapped(new_run, restore)

@@ -5,6 +5,8 @@ HunyuanDiT's rotary table is passed to every block and is not per sample.
 """
 from __future__ import annotations
 
+import torch
+
 from . import Backend, register
 from .unet import attention_site, is_self_attention
 
@@ -27,3 +29,10 @@ class Transformer2DBackend(Backend):
     def stages(self, model):
         blocks = self._blocks(model)
         return [f"{blocks}.{i}" for i in range(len(getattr(model, blocks)))]
+
+    def call(self, forward, x, t, kwargs):
+        # their timestep embeddings take one timestep per row (get_timestep_embedding asserts a 1-D tensor), which
+        # their pipelines give by t.expand(batch); pagkit.sample's is the scheduler's 0-d one
+        if torch.is_tensor(t) and t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return super().call(forward, x, t, kwargs)

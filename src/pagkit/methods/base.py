@@ -133,7 +133,9 @@ class ContrastTerm(GuidanceTerm):
       (comfy_extras/nodes_slg.py: skip layers in the uncond pass only), for any perturbation. **Scale convention**:
       the strength is CFG's w; the term's own ``scale`` only switches it on (≠ 0) or off (0), and ``start``/
       ``stop`` say on which steps the uncond rows are perturbed (where CFG is inactive, folding does nothing).
-      A ramp (``scale_end``), a ``rule`` or caching have no meaning there and are refused.
+      A ramp (``scale_end``), a ``rule`` or caching have no meaning there and are refused. Under ``pagkit.attach``
+      the CFG is the pipeline's own (no ``pagkit.CFG`` term): its unconditional rows, or its separate
+      unconditional call, are the perturbed ones (pipelines.py).
     """
 
     cache: int = field(default=1, kw_only=True)
@@ -141,7 +143,8 @@ class ContrastTerm(GuidanceTerm):
     cache_mode: str = field(default="reuse", kw_only=True)
     """How the steps in between get it: ``"reuse"`` the last one, ``"extrapolate"`` linearly from the last two."""
     fold: bool = field(default=False, kw_only=True)
-    """Perturb CFG's unconditional rows instead of an extra copy: ε̃ = ε̂_u + w(ε_c − ε̂_u) (needs pagkit.CFG)."""
+    """Perturb CFG's unconditional rows instead of an extra copy: ε̃ = ε̂_u + w(ε_c − ε̂_u) (needs pagkit.CFG, or
+    under pagkit.attach the pipeline's own CFG)."""
 
     def __post_init__(self):
         super().__post_init__()
