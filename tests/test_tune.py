@@ -441,3 +441,17 @@ def test_bad_head_and_pair_options_fail_in_one_line_before_any_sampling(assets, 
     err = _cli_error(capsys, *small, "--method", "pag", "--heads", "greedy", "--out", str(out))
     assert "and one round of the head search (2 candidates)" in err and "the minimum is 100 samples" in err
     assert not out.exists()
+
+
+def test_a_two_process_head_search_equals_one_process(four_heads, head_tune, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    args = ["tune", "--model", str(four_heads), "--method", "pag", "--budget", "26", "--layers", "mid", "--scales",
+            "2", "--intervals", "0:1", "--shard-size", "2", "--steps", "1", "--heads", "greedy", "--max-heads", "3",
+            "--score", head_tune["score"], "--threads", "1", "--quiet", "--out", str(tmp_path / "two")]
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29623", "-m", "pagkit.cli", *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "preset.json").read_text()) == head_tune["preset"]
