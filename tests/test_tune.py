@@ -3,6 +3,7 @@ best setting is found, presets load back as the same terms (sample, attach, from
 one line before any sampling. Tiny UNet + tiny random classifiers, 2 steps, shards of 4 (as tests/test_evaluate.py)."""
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,186 @@ def test_bad_input_fails_in_one_line_before_any_sampling(assets, tmp_path, capsy
     with pytest.raises(ValueError, match="is a pag preset, not slg"):
         pagkit.load_preset(tmp_path / "t" / "preset.json", method="slg")
     assert os.path.exists(tmp_path / "t" / "preset.json")
+
+
+# --- the greedy head search and the pairs of the best sites ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_heads(tmp_path_factory):
+    """The tiny UNet with 8-channel heads: 4 heads at every attention site (the shipped tiny config has 2)."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from pagkit.train import unet_config
+    root = tmp_path_factory.mktemp("four-heads")
+    torch.manual_seed(0)
+    DDPMPipeline(unet=UNet2DModel(**{**unet_config(False, "tiny"), "attention_head_dim": 8}),
+                 scheduler=DDIMScheduler()).save_pretrained(root / "model")
+    return root / "model"
+
+
+def _lookup_score(folder: Path, table: list[tuple[EvalConfig, float]], name="lookup", shard=4) -> str:
+    """A --score callable that knows the settings it is given: a row's first shard (the same noise for every
+    setting, so it names the setting) is looked up among ``table``'s, which score their given value; anything
+    else (fresh seeds, the probe) scores 100 + its mean."""
+    targets = {}
+    for j, (config, _) in enumerate(table):
+        config = replace(config, num_samples=shard)
+        sweep = Sweep(folder / "targets", [config], shard_size=shard, progress=False)
+        if not sweep.shard_path(config, 0).is_file():
+            sweep.make_shard(config, 0)
+        targets[f"t{j}"] = io.load_tensors(sweep.shard_path(config, 0))["images"]
+    io.save_tensors(folder / f"{name}.safetensors", targets)
+    module = folder / f"{name}.py"
+    module.write_text(
+        "import torch\nfrom pagkit import io\n"
+        f"TARGETS = io.load_tensors({str(folder / f'{name}.safetensors')!r})\n"
+        f"VALUES = {({f't{j}': v for j, (_, v) in enumerate(table)})!r}\n"
+        "def score(images):\n"
+        "    for name, target in TARGETS.items():\n"
+        f"        if len(images) >= {shard} and torch.equal(images[:{shard}], target):\n"
+        "            return VALUES[name]\n"
+        "    return 100 + float(images.mean())\n")
+    return f"{module}:score"
+
+
+def _heads_table(model, whole: float):
+    """Head sets of PAG s=2 on mid and their planted scores: round 0 keeps {2} (7 < no guidance's 10), round 1
+    {0, 2} (5), round 2's best ({0, 2, 3}: 5.2) does not improve, so the search stops at {0, 2}."""
+    pag = EvalConfig(model=str(model), method="pag", scale=2.0, layers=("mid",), steps=1, num_samples=2)
+    sets = {(2,): 7, (0,): 8, (1,): 9, (3,): 9.5, (0, 2): 5, (1, 2): 6.5, (2, 3): 8, (0, 1, 2): 5.5, (0, 2, 3): 5.2}
+    return [(replace(pag, method="none", scale=0.0, layers=()), 10.0), (pag, whole)] + [
+        (replace(pag, options=(("heads", "+".join(map(str, s))),)), v) for s, v in sets.items()]
+
+
+# 1 setting: one rung of 2 samples; 3 rounds of 4, 3, 2 candidates x 2 samples; the confirmation 2 + 2: 26 samples
+HEADS = dict(layers=[["mid"]], scales=[2.0], intervals=[(0.0, 1.0)], shard_size=2, steps=1, heads="greedy",
+             max_heads=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def head_tune(four_heads, tmp_path_factory):
+    """The planted scores (whole layer 6: the heads win; 4: the whole layer stays) and one straight tune."""
+    root = tmp_path_factory.mktemp("head-tune")
+    score = _lookup_score(root, _heads_table(four_heads, whole=6.0), shard=2)
+    score_whole = _lookup_score(root, _heads_table(four_heads, whole=4.0), name="lookup-whole", shard=2)
+    preset = Tune(str(four_heads), "pag", root / "t", 26, score=score, **HEADS).run()
+    return dict(root=root, score=score, score_whole=score_whole, out=root / "t", preset=preset)
+
+
+def test_the_greedy_head_search_finds_the_planted_heads_within_its_budget(four_heads, head_tune, tmp_path):
+    plan = make_plan(1, 26, shard_size=2, head_pool=4, max_heads=3)
+    assert (plan.rungs, plan.head_rounds, plan.head_cost, plan.confirm_samples, plan.cost) == (
+        ((1, 2),), 3, 18, 2, 26)
+    with pytest.raises(ValueError, match=r"and one round of the head search \(4 candidates\).*the minimum is 16"):
+        make_plan(1, 15, shard_size=2, head_pool=4, max_heads=3)
+    assert make_plan(1, 16, shard_size=2, head_pool=4, max_heads=3).head_rounds == 1  # fewer rounds, no error
+    preset, out = head_tune["preset"], head_tune["out"]
+    assert preset["spec"] == "pag:2,layers=mid+,heads=0+2"
+    assert pagkit.load_preset(out / "preset.json") == [pagkit.PAG(2.0, layers=["mid"], heads=[0, 2])]
+    rows = [(e["round"], e["spec"].split("heads=")[1], e["score"], e["samples"], e["seed_set"])
+            for e in preset["evidence"] if e.get("stage") == "heads"]
+    assert rows == [(0, "0", 8, 2, 0), (0, "1", 9, 2, 0), (0, "2", 7, 2, 0), (0, "3", 9.5, 2, 0),
+                    (1, "0+2", 5, 2, 0), (1, "1+2", 6.5, 2, 0), (1, "2+3", 8, 2, 0),
+                    (2, "0+1+2", 5.5, 2, 0), (2, "0+2+3", 5.2, 2, 0)]
+    h = preset["search"]["heads"]
+    assert h["heads"] == [0, 2] and h["chosen"] and h["score"] == 5 and h["whole_layer"]["score"] == 6
+    assert h["stop"].startswith("round 2: no head improves on heads [0, 2]") and "beat the whole layer" in h["verdict"]
+    assert _generated_samples(out) == preset["search"]["cost_samples"] == 26
+    assert preset["confirmation"]["spec"] == preset["spec"] and "heads 2" in (out / "tune.md").read_text()
+    # where the whole layer scores better (4 < round 0's 7), the preset keeps it and says so; one round
+    small = dict(HEADS, max_heads=1)
+    assert make_plan(1, 16, shard_size=2, head_pool=4, max_heads=1).cost == 16
+    preset = Tune(str(four_heads), "pag", tmp_path / "w", 16, score=head_tune["score_whole"], **small).run()
+    h = preset["search"]["heads"]
+    assert preset["spec"] == "pag:2,layers=mid+" and h["heads"] == [2] and not h["chosen"]
+    assert "do not beat the whole layer" in h["verdict"] and h["stop"] == "1 rounds: --max-heads"
+    assert _generated_samples(tmp_path / "w") == preset["search"]["cost_samples"] == 16
+
+
+def test_a_killed_head_search_resumes_recomputing_nothing(four_heads, head_tune, tmp_path, monkeypatch):
+    from pagkit.tune import ScoredSweep
+    plain_make, plain_score, made, scored = Sweep.make_shard, ScoredSweep.write_result, [], []
+
+    def make_shard(self, config, k):
+        if len(made) == kill_after:
+            raise Killed()
+        made.append((config.key, k))
+        return plain_make(self, config, k)
+
+    def write_result(self, config):
+        scored.append(config.key)
+        return plain_score(self, config)
+
+    monkeypatch.setattr(Sweep, "make_shard", make_shard)
+    monkeypatch.setattr(ScoredSweep, "write_result", write_result)
+    kill_after = 7  # the rung's 2 shards, round 0's 4, then one of round 1's
+    with pytest.raises(Killed):
+        Tune(str(four_heads), "pag", tmp_path / "resumed", 26, score=head_tune["score"], **HEADS).run()
+    first, first_scored = list(made), list(scored)
+    assert "heads0+2" in first[-1][0] and len(first_scored) == 2 + 4  # the rung and round 0 are scored
+    kill_after, made[:], scored[:] = None, [], []
+    resumed = Tune(str(four_heads), "pag", tmp_path / "resumed", 26, score=head_tune["score"], **HEADS).run()
+    assert not set(made) & set(first) and not set(scored) & set(first_scored)  # nothing made or scored twice
+    assert len(first) + len(made) == 26 // 2
+    assert resumed == head_tune["preset"]
+
+
+def test_the_pair_of_the_two_best_sites_joins_rung_1_and_can_win(assets, tmp_path):
+    # η = 2: rung 0 keeps down.2 and mid of 3 sites; their pair joins at rung 1 (3 settings, keep 2), and wins
+    pag = EvalConfig(model=str(assets / "model"), method="pag", scale=2.0, steps=2, num_samples=4)
+    table = [(replace(pag, method="none", scale=0.0), 10.0), (replace(pag, layers=("down.1",)), 9.0),
+             (replace(pag, layers=("down.2",)), 5.0), (replace(pag, layers=("mid",)), 6.0),
+             (replace(pag, layers=("down.2", "mid")), 3.0)]
+    score = _lookup_score(tmp_path, table)
+    tune = _tune(assets, tmp_path / "t", budget=92, scales=[2.0], eta=2, pair_best=2, score=score)
+    plan = tune.plan()
+    # at most 1 pair (1 pair of sites x 1 scale); rung 0: 4 x 4 new, rung 1: 4 x 4 + the pair's 8, rung 2: 3 x 8
+    assert (plan.added, plan.rungs, plan.search_cost, plan.confirm_samples, plan.cost) == (
+        1, ((3, 4), (3, 8), (2, 16)), 60, 16, 92)
+    with pytest.raises(ValueError, match=r"too small for 3 settings \+ at most 1 pairs at rung 1 .*minimum is 92"):
+        _tune(assets, tmp_path / "small", budget=91, scales=[2.0], eta=2, pair_best=2, score=score).plan()
+    preset = tune.run()
+    rung1 = {e["spec"]: e for e in preset["evidence"] if e.get("rung") == 1}
+    assert set(rung1) == {"none", "pag:2,layers=down.2+", "pag:2,layers=mid+", "pag:2,layers=down.2+mid"}
+    assert rung1["pag:2,layers=down.2+mid"]["origin"] == "a pair of rung 0's best single sites"
+    assert rung1["pag:2,layers=down.2+mid"]["new_samples"] == 8 and rung1["pag:2,layers=mid+"]["new_samples"] == 4
+    assert preset["spec"] == "pag:2,layers=down.2+mid"
+    assert _generated_samples(tmp_path / "t") == preset["search"]["cost_samples"] == 92
+
+
+def test_bad_head_and_pair_options_fail_in_one_line_before_any_sampling(assets, tmp_path, capsys):
+    base = ["tune", "--model", str(assets / "model"), "--layers", "down.1;down.2;mid", "--scales", "1,2",
+            "--intervals", "0:1", "--shard-size", "4", "--steps", "2", "--budget", "400"]
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="--max-heads must be a positive integer, got 0"):  # the CLI: argparse's
+        _tune(assets, out, heads="greedy", max_heads=0)                                  # (tests/test_bad_input.py)
+    assert "seg has no heads option" in _cli_error(capsys, *base, "--method", "seg", "--heads", "greedy",
+                                                   "--out", str(out))
+    assert "--max-heads bounds the greedy head search" in _cli_error(
+        capsys, *base, "--method", "pag", "--max-heads", "2", "--out", str(out))
+    assert "0 (off) or >= 2, got 1" in _cli_error(capsys, *base, "--method", "pag", "--pair-best", "1",
+                                                   "--out", str(out))
+    with pytest.raises(ValueError, match="η .* must be an integer >= 2, got 1"):  # before the pairs' arithmetic
+        _tune(assets, out, pair_best=2, eta=1).plan()
+    assert "sag acts on one layer, so its sites cannot be paired" in _cli_error(
+        capsys, *base, "--method", "sag", "--pair-best", "2", "--out", str(out))
+    # 6 settings; one round of 2 heads x the last rung's 2 units: 4·(7 + 3·2 + 2·3 + 2·3) = 100
+    small = [a if a != "400" else "99" for a in base]
+    err = _cli_error(capsys, *small, "--method", "pag", "--heads", "greedy", "--out", str(out))
+    assert "and one round of the head search (2 candidates)" in err and "the minimum is 100 samples" in err
+    assert not out.exists()
+
+
+def test_a_two_process_head_search_equals_one_process(four_heads, head_tune, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    args = ["tune", "--model", str(four_heads), "--method", "pag", "--budget", "26", "--layers", "mid", "--scales",
+            "2", "--intervals", "0:1", "--shard-size", "2", "--steps", "1", "--heads", "greedy", "--max-heads", "3",
+            "--score", head_tune["score"], "--threads", "1", "--quiet", "--out", str(tmp_path / "two")]
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29623", "-m", "pagkit.cli", *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "preset.json").read_text()) == head_tune["preset"]

@@ -8,29 +8,40 @@ import torch
 from ..defaults import DEFAULT_UNCOND
 from ..load import SCHEDULERS
 from ..tune import DEFAULT_SCALES, TUNABLE
-from .common import _floats, _intervals, _layer_sets, _positive_int
+from .common import _floats, _intervals, _layer_sets, _nonnegative_int, _positive_int
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "tune", help="choose a method's sites, scale and interval for a model (successive halving)",
         description="Successive halving over sites x scales x intervals (x heads) within --budget "
-                    "generated samples; the winner is confirmed against no guidance on a fresh seed "
-                    "set. Writes OUT/preset.json, OUT/tune.md, OUT/finalists.png; resumable, "
-                    "torchrun-ready (see pagkit.tune).")
+                    "generated samples; --pair-best K adds the pairs of rung 0's K best single sites at "
+                    "rung 1; --heads greedy then grows a head set on the winner's sites (HeadHunter), "
+                    "kept only if it beats the whole layer on the same seeds. The winner is confirmed "
+                    "against no guidance on a fresh seed set. Writes OUT/preset.json, OUT/tune.md, "
+                    "OUT/finalists.png; resumable, torchrun-ready (see pagkit.tune).")
     p.add_argument("--model", default=DEFAULT_UNCOND, help="shipped model name or diffusers folder")
     p.add_argument("--method", required=True, help="the method to tune: " + ", ".join(TUNABLE))
     p.add_argument("--budget", type=_positive_int, required=True,
-                   help="generated samples in all (search + confirmation); too small says the minimum")
+                   help="generated samples in all (search, head search, confirmation); too small says the minimum")
     p.add_argument("--layers", default=None,
                    help="candidate site sets: ';' between sets, ',' within one (default: every site alone)")
-    p.add_argument("--pairs", action="store_true", help="also every pair of the candidate sites")
+    p.add_argument("--pairs", action="store_true", help="also every pair of the candidate sites (up front)")
+    p.add_argument("--pair-best", type=_nonnegative_int, default=0, metavar="K",
+                   help="after rung 0, also every pair of its K best single sites (K >= 2) at the survivors' "
+                        "scales and intervals; the budget counts them (default 0: off)")
     p.add_argument("--scales", type=_floats, default=None,
                    help="scale grid in the method's convention (default per method: " +
                         "; ".join(f"{m} {','.join(f'{v:g}' for v in vs)}" for m, vs in DEFAULT_SCALES.items()) + ")")
     p.add_argument("--intervals", type=_intervals, default=None,
                    help="start:stop fractions (default 0:1,0:0.5; slg 0.01:0.2,0:1)")
-    p.add_argument("--heads", action="store_true", help="also each head alone (methods with heads=: pag)")
+    p.add_argument("--heads", nargs="?", const="each", default=None, choices=("each", "greedy"),
+                   help="methods with heads= (pag): 'each' (the default of a bare --heads) also searches each head "
+                        "alone; 'greedy' grows a head set on the halving's winner, one head per round while "
+                        "the score improves (HeadHunter, arXiv 2506.10978), each candidate on the last rung's "
+                        "samples; the preset takes it only if it beats the whole layer on those seeds")
+    p.add_argument("--max-heads", type=_positive_int, default=None, metavar="K",
+                   help="with --heads greedy: at most K heads, i.e. K rounds (default 4)")
     p.add_argument("--eta", type=_positive_int, default=3, help="keep the best 1/η of each rung (default 3)")
     p.add_argument("--shard-size", type=_positive_int, default=50,
                    help="samples per shard, the unit of work and of the plan (default 50)")
@@ -60,7 +71,8 @@ def run(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     tune = Tune(args.model, args.method.strip().lower(), Path(args.out), args.budget,
                 layers=None if args.layers is None else _layer_sets(args.layers),
-                pairs=args.pairs, scales=args.scales, intervals=args.intervals, heads=args.heads, eta=args.eta,
+                pairs=args.pairs, scales=args.scales, intervals=args.intervals, heads=args.heads or False,
+                max_heads=args.max_heads, pair_best=args.pair_best, eta=args.eta,
                 shard_size=args.shard_size, seed_set=args.seed_set, confirm_seed_set=args.confirm_seed_set,
                 scheduler=args.scheduler, steps=args.steps, classifier=args.classifier,
                 classifier_b=args.classifier_b, inception=args.inception, reference=args.reference,
