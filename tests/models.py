@@ -83,6 +83,15 @@ def hunyuandit(seed=0, num_layers=4):
                              activation_fn="gelu-approximate").eval()
 
 
+def sd_pipeline(seed=0):
+    """A plain StableDiffusionPipeline on ``sd_unet`` without text encoder (callers pass prompt_embeds)."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(unet=sd_unet(seed), vae=vae(), scheduler=ddim(), text_encoder=None, tokenizer=None,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def ddim(**kw) -> DDIMScheduler:
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)

@@ -82,15 +82,6 @@ def test_schedules_and_caching_add_no_recompile_per_step(fresh):
     torch.testing.assert_close(_run(model, cached), _run(model_eager, cached), rtol=0, atol=0)
 
 
-def _sd_pipe():
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(unet=models.sd_unet(), vae=models.vae(), scheduler=models.ddim(), text_encoder=None,
-                                   tokenizer=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 TEXT = [torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
 SD_LATENTS = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
 
@@ -109,7 +100,7 @@ def _pipe_run(pipe, *terms, steps=10):
 def test_compiled_unet_in_a_pipeline_under_attach_matches_eager_and_compiles_once(fresh, backend, how):
     """``pipe.unet.compile()`` (in place) and ``pipe.unet = torch.compile(pipe.unet)`` (wrapped, an OptimizedModule).
     Inductor, measured here with PAGKIT_INDUCTOR=1: passes at 1e-4 (446 s on a busy 2-core CPU)."""
-    pipe = _sd_pipe()
+    pipe = models.sd_pipeline()
     pag = pagkit.PAG(2.0, layers="mid")
     eager, plain = _pipe_run(pipe, pag), _pipe_run(pipe)
     assert (eager - plain).abs().max() > 1e-3  # PAG acts

@@ -339,15 +339,6 @@ def test_bench_gpu_script_refuses_bad_input_in_one_line(argv, words, tmp_path, c
 
 # --- folding through pagkit.attach: the pipeline's own CFG rows ------------------------------------------------
 
-def _sd_pipe():
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(unet=models.sd_unet(), vae=models.vae(), scheduler=models.ddim(), text_encoder=None,
-                                   tokenizer=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 SD_EMBEDS = [torch.randn(B, 7, 24, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
 SD_LATENTS = torch.randn(B, 4, 16, 16, generator=torch.Generator().manual_seed(3))
 
@@ -367,7 +358,7 @@ def _sd_run(pipe, *terms, w=3.0, steps=5):
 def test_fold_through_attach_is_sample_with_pagkit_cfg_at_cfg_cost(term):
     """attach(pipe, PAG(fold=True)) on a pipeline batching [∅; c]: its ∅ rows are perturbed, its own combination gives
     ε̂_u + w(ε_c − ε̂_u), exactly pagkit.sample's CFG(w) + PAG(fold=True); one model call of 2·B rows per step."""
-    pipe, w, steps = _sd_pipe(), 3.0, 5
+    pipe, w, steps = models.sd_pipeline(), 3.0, 5
     unet = pipe.unet
     forwards = {n: vars(m).get("forward") for n, m in unet.named_modules()}
     rows = []
@@ -390,7 +381,7 @@ def test_fold_through_attach_is_sample_with_pagkit_cfg_at_cfg_cost(term):
 def test_fold_through_attach_respects_its_interval():
     """Outside [start, stop) the step is the pipeline's plain CFG: a fold over the last 40% only equals, step for
     step, plain CFG for the first 60%."""
-    pipe, steps = _sd_pipe(), 5
+    pipe, steps = models.sd_pipeline(), 5
     seen = {}
 
     def recorder(name):
@@ -410,7 +401,7 @@ def test_fold_through_attach_respects_its_interval():
 
 
 def test_fold_through_attach_without_cfg_is_refused_before_the_first_step():
-    pipe = _sd_pipe()
+    pipe = models.sd_pipeline()
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
