@@ -326,7 +326,7 @@ def _selection_lines(rows: list[dict], missing: int = 0) -> list[str]:
     without_b = sum(1 for r in flat if r["fd_b"] is None)
     if missing or without_b:
         lines += [f"**Provisional:** {missing} configurations of this table are not computed yet and {without_b} "
-                  "were made before the second network existed (no FD (b); they are being remade); the rule is "
+                  "were made before the second network existed (no FD (b); to be remade); the rule is "
                   "applied to the rows with both networks' FD, and its choice can change.", ""]
     used = {"pag": MAP9_PAG, "seg": MAP9_SEG}
     for method, pick in choose_settings(flat).items():

@@ -29,9 +29,10 @@ def add_parser(subparsers) -> None:
                    help=f"CFG w, diffusers' convention (1 = off; default {DEFAULT_CFG_SCALE:g})")
     _pag_options(p)
     p.add_argument("--seg-scale", type=_finite, default=DEFAULT_SEG_SCALE,
-                   help=f"SEG γ (0 = off; default {DEFAULT_SEG_SCALE:g}, on mid: FD -7%% on fmnist, no saturation)")
+                   help=f"SEG γ (0 = off; default {DEFAULT_SEG_SCALE:g}, chosen on fmnist: docs/results.md, table 9a)")
     p.add_argument("--seg-sigma", type=_finite, default=float("inf"), help="query blur width (inf = mean query)")
-    p.add_argument("--seg-layers", type=_layer_list, default=DEFAULT_SEG_LAYERS)
+    p.add_argument("--seg-layers", type=_layer_list, default=DEFAULT_SEG_LAYERS,
+                   help=f"comma-separated layer names/aliases (default: {','.join(DEFAULT_SEG_LAYERS)})")
     p.add_argument("--sag-scale", type=_finite, default=DEFAULT_SAG_SCALE)
     p.add_argument("--sag-layer", default=DEFAULT_SAG_LAYER)
     p.add_argument("--guidance", action="append", metavar="SPEC",

@@ -388,7 +388,9 @@ def grid_image(title: str, rows: list[Row], label_width: int = 190):
 
     from ..report import labelled_grid
     with tempfile.TemporaryDirectory(prefix="pagkit-studio-") as tmp:
-        path = labelled_grid([(f"{Path(title).name}\n{r.label}\n{r.seconds_per_image:.3f} s/image", r.images)
+        # the label's "(layers=...)" on a line of its own: a site name is longer than the label column
+        path = labelled_grid([(f"{Path(title).name}\n{r.label.replace(' (', chr(10) + '(')}\n"
+                               f"{r.seconds_per_image:.3f} s/image", r.images)
                               for r in rows], Path(tmp) / "grid.png", label_width=label_width)
         with Image.open(path) as image:
             return image.copy()
