@@ -681,3 +681,18 @@ def test_a_pipeline_folder_on_the_page_asks_for_a_prompt_and_shows_the_python_th
             assert np.array_equal(tile, np.asarray(image.convert("RGB"))), (r, c)
     _pick(page, "#model", "fmnist")  # back: the prompt goes
     page.locator("#prompt").wait_for(state="hidden")
+
+
+def test_the_scale_strip_and_the_sites_explorer_draw_a_pipeline_folder_through_attach(pipeline_root):
+    from pagkit.report import to_uint8
+    request = core.Request(model="tiny-sd", prompt="a red square", steps=2, num_images=2)
+    strip = core.scale_strip(request, "pag:1,layers=mid", "0,2", models_root=pipeline_root)
+    assert [r.label for r in strip.rows] == ["no guidance", "PAG 0 (layers=mid)", "PAG 2 (layers=mid)"]
+    unguided, zero, two = (to_uint8(r.images) for r in strip.rows)
+    assert np.array_equal(unguided, zero) and not np.array_equal(unguided, two)  # s = 0 is the unguided row
+    result, cols = core.site_columns(request, "pag:2", models_root=pipeline_root)
+    import pagkit
+    from pagkit.studio.pipeline import load_pipeline
+    sites = [info.name for info in pagkit.layers(load_pipeline(str(pipeline_root / "tiny-sd")).unet)]
+    assert [site for site, _, _ in cols] == [None, *sites] and len(result.rows) == len(sites) + 1
+    assert "pagkit.attach" in result.command and result.command.startswith("import diffusers")  # a pipeline's grid comes with its Python, not a CLI line
