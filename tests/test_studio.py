@@ -695,4 +695,5 @@ def test_the_scale_strip_and_the_sites_explorer_draw_a_pipeline_folder_through_a
     from pagkit.studio.pipeline import load_pipeline
     sites = [info.name for info in pagkit.layers(load_pipeline(str(pipeline_root / "tiny-sd")).unet)]
     assert [site for site, _, _ in cols] == [None, *sites] and len(result.rows) == len(sites) + 1
-    assert "pagkit.attach" in result.command and result.command.startswith("import diffusers")  # a pipeline's grid comes with its Python, not a CLI line
+    # a pipeline's grid comes with its Python, not a CLI line
+    assert "pagkit.attach" in result.command and result.command.startswith("import diffusers")
