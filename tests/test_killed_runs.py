@@ -1,7 +1,8 @@
 """Killed runs lose nothing, and two runs on one --out are refused (issue 20, items 3 and 4).
 
-``pagkit eval``, ``pagkit restore --test-images``, ``pagkit tune`` and ``pagkit train`` are started in subprocesses (forked from
-the test, so that each start costs no imports: ``pagkit.cli.main`` runs in the child) and killed with SIGKILL
+``pagkit eval``, ``pagkit restore --test-images``, ``pagkit tune`` and ``pagkit train`` are started in subprocesses (forked
+from a forkserver that has imported pagkit once, so that each start costs no imports: ``pagkit.cli.main`` runs in
+the child; not forked from the test itself, whose OpenMP threads a forked child can deadlock on) and killed with SIGKILL
 at 5 points each (chosen by a seeded RNG: after the k-th finished file appears in the output
 folder, plus a random few milliseconds, so some kills land in the middle of a write), then run to the end.
 Their final results equal an uninterrupted run's exactly (train: the same weights), and no half-written file
@@ -39,6 +40,12 @@ def _tune_args(assets):  # 6 settings, budget 100 in shards of 4: 25 shards over
             "--num-real", "200", "--threads", "1", "--quiet"]
 
 
+# A fork of the test process can hang for good: the test has run torch's OpenMP pool, which is not fork-safe (a
+# child of it waited on a futex forever in CI). The forkserver is a fresh, single-threaded interpreter that imports
+# pagkit once; each child is a fork of it.
+_CTX = multiprocessing.get_context("forkserver")
+_CTX.set_forkserver_preload(["torch", "pagkit.cli"])
+
 TRAIN_ARGS = ["train", "--size", "tiny", "--max-steps", "12", "--batch-size", "4", "--checkpoint-every", "1",
               "--threads", "1"]
 
@@ -62,7 +69,7 @@ def _cli_child(argv):
 
 
 def _start(argv) -> multiprocessing.Process:
-    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(argv,))
+    proc = _CTX.Process(target=_cli_child, args=(argv,))
     proc.start()
     return proc
 
@@ -208,7 +215,7 @@ def _locker(folder, ready):
 
 def _hold_lock(folder: Path):
     """A subprocess that holds ``folder``'s run lock until killed."""
-    ctx = multiprocessing.get_context("fork")
+    ctx = _CTX
     ready = ctx.Event()
     proc = ctx.Process(target=_locker, args=(folder, ready))
     proc.start()
@@ -269,7 +276,7 @@ def _cli_child_err(argv, errors):
 
 def test_two_runs_at_once_one_is_refused(assets, tmp_path):
     """Two ``pagkit eval`` processes started together on one --out: one runs, the other is refused."""
-    ctx = multiprocessing.get_context("fork")
+    ctx = _CTX
     errors = ctx.Queue()
     argv = [*_eval_args(assets), "--num-samples", "8", "--shard-size", "8", "--out", str(tmp_path / "out")]
     procs = [ctx.Process(target=_cli_child_err, args=(argv, errors)) for _ in range(2)]
