@@ -136,7 +136,8 @@ def test_eval_takes_any_method_with_the_axes_its_fields_have():
     seg = [c for c in configs if c.method == "cfg+seg"]
     assert [(c.scale, c.sigma, c.options) for c in seg] == [(1, math.inf, ()), (1, 10, ()), (2, math.inf, ()),
                                                             (2, 10, ())]
-    assert seg[1].terms() == [pagkit.CFG(1.5), pagkit.SEG(1.0, sigma=10.0, layers=["down.2"])]
+    from pagkit.defaults import DEFAULT_PAG_LAYERS  # eval's --layers default
+    assert seg[1].terms() == [pagkit.CFG(1.5), pagkit.SEG(1.0, sigma=10.0, layers=DEFAULT_PAG_LAYERS)]
 
 
 def test_eval_sweeps_repeated_options_and_keeps_a_rules_commas():
