@@ -461,12 +461,17 @@ def _set(page, selector: str, value: str) -> None:
     page.locator(selector).dispatch_event("blur")  # Gradio reads a number field when it loses focus
 
 
+def _fill_compare(page, steps: int, seeds: int, configs: list[str]) -> None:
+    """The Compare tab's form: steps, seeds, and the configurations (the rest of the six emptied)."""
+    _set(page, "#steps input", str(steps))
+    _set(page, "#seeds input", str(seeds))
+    for i in range(6):
+        page.fill(f"#config-{i} textarea", configs[i] if i < len(configs) else "")
+
+
 def test_the_page_generates_two_configurations_as_the_shown_command_line_does(browser_page, capsys, tmp_path):
     page = browser_page
-    _set(page, "#steps input", "3")
-    _set(page, "#seeds input", "3")
-    for i, text in enumerate(["pag:1,layers=mid", "seg:1", "", "", "", ""]):
-        page.fill(f"#config-{i} textarea", text)
+    _fill_compare(page, steps=3, seeds=3, configs=["pag:1,layers=mid", "seg:1"])
     page.click("#generate")
     page.wait_for_selector("#compare-grid img")
     page.wait_for_function("document.querySelector('#compare-command textarea').value.startsWith('pagkit')")
@@ -625,10 +630,7 @@ def _pick(page, selector: str, option: str) -> None:
 def test_switching_the_model_shows_its_class_control_and_generates_with_it(browser_page, capsys, tmp_path):
     page = browser_page
     page.get_by_role("tab", name="Compare").click()
-    _set(page, "#steps input", "2")
-    _set(page, "#seeds input", "2")
-    for i, text in enumerate(["cfg:1.5; pag:0.5", "", "", "", "", ""]):
-        page.fill(f"#config-{i} textarea", text)
+    _fill_compare(page, steps=2, seeds=2, configs=["cfg:1.5; pag:0.5"])
     assert not page.locator("#class").is_visible()  # fmnist is unconditional
     _pick(page, "#model", "fmnist-cond")
     page.locator("#class").wait_for(state="visible")
@@ -652,10 +654,7 @@ def test_a_pipeline_folder_on_the_page_asks_for_a_prompt_and_shows_the_python_th
                                                                                          tmp_path):
     page = browser_page
     page.get_by_role("tab", name="Compare").click()
-    _set(page, "#steps input", "2")
-    _set(page, "#seeds input", "2")
-    for i, text in enumerate(["pag:2,layers=mid", "", "", "", "", ""]):
-        page.fill(f"#config-{i} textarea", text)
+    _fill_compare(page, steps=2, seeds=2, configs=["pag:2,layers=mid"])
     _pick(page, "#model", "tiny-sd")
     page.locator("#prompt").wait_for(state="visible")
     assert page.locator("#negative").is_visible() and not page.locator("#class").is_visible()
