@@ -240,3 +240,37 @@ def test_selection_rule_needs_both_networks_and_breaks_ties_towards_the_smaller_
     # rows without the second network's FD are never candidates
     rows = [_result("none", 0, [], 40.0, 20.0), _result("pag", 1.0, ["mid"], 30.0)]
     assert choose_settings(flatten(rows))["pag"]["candidates"] == 0
+
+
+@pytest.mark.parametrize("perturbation, exact_chunks", [("identity", True), ("mask", False)])
+def test_a_shard_sampled_in_micro_batches_equals_the_whole_batch(assets, tmp_path, monkeypatch, perturbation,
+                                                                  exact_chunks):
+    """A shard larger than MICRO_BATCH is sampled in chunks only where that gives its samples (DDIM, no
+    batch-shaped random draws): equal to one batch to float rounding; a mask perturbation keeps one batch."""
+    import torch
+    import pagkit.evaluate as evaluate
+    from pagkit.load import load_model
+    from pagkit.sample import sample
+    from pagkit import runner
+    sample_module = sys.modules["pagkit.sample"]  # make_shard imports its sample() from there when it runs
+    configs = expand(str(assets / "model"), ["pag"], scales=[2.0], layer_sets=[["down.1"]], steps=2,
+                     num_samples=7, perturbations=[perturbation])
+    monkeypatch.setattr(evaluate, "MICRO_BATCH", 3)
+    sweep = Sweep(tmp_path / "a", configs, shard_size=7, classifier=str(assets / "classifier"),
+                  classifier_b=str(assets / "classifier-b"), num_real=200, progress=False)
+    config = configs[0]
+    assert evaluate._chunks_are_exact(config) is exact_chunks
+    calls = []
+    monkeypatch.setattr(sample_module, "sample", lambda *a, **kw: calls.append(kw["batch_size"]) or sample(*a, **kw))
+    sweep.make_shard(config, 0)
+    assert calls == ([3, 3, 1] if exact_chunks else [7])
+    chunked = sweep.unit_images(config)
+    model = load_model(str(assets / "model"))
+    g = runner.generator(config.seed_set, 0)
+    noise = torch.randn(7, model.config.in_channels, model.config.sample_size, model.config.sample_size, generator=g)
+    whole = sample(model, load_scheduler(str(assets / "model"), "ddim"), batch_size=7, num_inference_steps=2,
+                   guidance=config.terms(), latents=noise, generator=g, progress_bar=False).clamp(-1, 1)
+    if exact_chunks:
+        torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=0)  # float rounding (measured 1.2e-5)
+    else:
+        assert torch.equal(chunked, whole)

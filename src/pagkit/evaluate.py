@@ -37,6 +37,20 @@ from .methods import METHODS
 from .runner import world_lock  # noqa: F401  (moved to pagkit.runner; kept for callers that import it from here)
 
 
+# A shard is sampled MICRO_BATCH samples at a time where that gives the same samples (_chunks_are_exact): on a
+# CPU a batch of 250 (500 rows under PAG) leaves the cache, and chunks of 50 sample the same shard 1.5-1.9x faster
+# (equal to the whole batch to float rounding: 0 to 2e-5 measured). The shard, its noise and its seeds are unchanged.
+MICRO_BATCH = 50
+
+
+def _chunks_are_exact(config: "EvalConfig") -> bool:
+    """Whether sampling a shard in chunks gives its samples: a deterministic sampler (DDIM, η = 0: the generator
+    is not drawn from after the initial noise, which is drawn for the whole shard first) and no term drawing
+    random numbers of the batch's shape (PAG's mask and logit-noise perturbations)."""
+    return config.scheduler == "ddim" and not any(getattr(t, "perturbation", "identity") in ("mask", "noise")
+                                                  for t in config.terms())
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """One row of a results table: everything that produced its samples."""
@@ -254,10 +268,14 @@ class Sweep(runner.Task):
         noise = torch.randn(self.shard_size, model.config.in_channels, size, size, generator=g)[:n]
         conditional = bool(model.config.get("num_class_embeds"))
         labels = (torch.arange(n) + k * self.shard_size) % 10 if conditional else None
+        chunk = MICRO_BATCH if _chunks_are_exact(config) else n
         with runner.Stopwatch() as clock:
-            images = sample(model, scheduler, batch_size=n, num_inference_steps=config.steps,
-                            guidance=config.terms(), latents=noise, generator=g, class_labels=labels,
-                            null_class_label=NULL_CLASS if conditional else None, progress_bar=False)
+            images = torch.cat([
+                sample(model, scheduler, batch_size=len(noise[i:i + chunk]), num_inference_steps=config.steps,
+                       guidance=config.terms(), latents=noise[i:i + chunk], generator=g,
+                       class_labels=None if labels is None else labels[i:i + chunk],
+                       null_class_label=NULL_CLASS if conditional else None, progress_bar=False)
+                for i in range(0, n, chunk)])
         tensors = {"images": images.clamp(-1, 1).contiguous()}
         if labels is not None:
             tensors["labels"] = labels
