@@ -49,6 +49,7 @@ SEG_SCALE = "1"
 SAG_SCALE = f"{DEFAULT_SAG_SCALE:g}"  # diffusers' default; no SAG scale helped on the map (table 7)
 ALL_LAYERS = "down.1;down.2;mid;up.0.attentions.0;up.0.attentions.1;up.1.attentions.0;up.1.attentions.1"
 THIRDS = "0:0.34,0.33:0.67,0.66:1"
+INTERVALS = f"{THIRDS},0:0.5,0.5:1"  # table 10: thirds and halves
 
 COMMON = "--num-samples 500 --seed-sets 0 --steps 20 --quiet"
 # Table 9's choices by its rule (section 9a; (layers, scale)): reported in table 1 on fresh seeds, and PAG's
@@ -142,6 +143,42 @@ TABLES = [
                    f"{COMMON} --out {MAP}",
                    f"pagkit eval --model fmnist --methods none,pag --scales {MAP9_PAG[1]} --layers {MAP9_PAG[0]} "
                    f"--timestep-spacing trailing {COMMON} --out {MAP}"]),
+    dict(title="10. Guidance intervals for the shipped settings (the interval presets)",
+         note="Seed set 0, 500 samples per row, DDIM-20 (issue 19, item 1): table 9a's PAG and SEG settings on "
+              "`fmnist`, and CFG w = 1.5 + PAG on `fmnist-cond`, each applied on a third or a half of the "
+              "trajectory only (0 = pure noise; a step runs the term when its progress is in [start, stop)). A "
+              "step outside the interval runs no perturbed branch, so an interval of a third costs about a third "
+              "of the term's extra forward. The unguided and full-trajectory rows repeat tables 9 and 5.",
+         commands=[f"pagkit eval --model fmnist --methods none,pag --scales {MAP9_PAG[1]} --layers {MAP9_PAG[0]} "
+                   f"--intervals 0:1,{INTERVALS} {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods seg --scales {MAP9_SEG[1]} --seg-sigmas inf "
+                   f"--layers {MAP9_SEG[0]} --intervals 0:1,{INTERVALS} {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist-cond --methods cfg,cfg+pag --cfg-scales 1.5 --scales {MAP9_PAG[1]} "
+                   f"--layers {MAP9_PAG[0]} --intervals 0:1,{INTERVALS} {COMMON} --out {MAP}"]),
+    dict(title="11. The perturbation family on `fmnist`: SLG, TPG, SoftPAG, autoguidance, APG-projected PAG and SEG",
+         note="Seed set 0, 500 samples per row, DDIM-20 (issue 17, item 4): each new method that applies to a UNet, "
+              "on the sites where PAG and SEG help (table 9a; `mid` and `down.2` beside them for the block-level "
+              "methods), at scales in its own convention (SLG s, TPG s, PAG s with SoftPAG's strength α, Karras' "
+              "w for autoguidance with `fmnist-weak`). SLG's interval is open at both ends as diffusers' (0:1 "
+              "skips step 0). APG with η = 0 (`rule=apg(eta=0)`) keeps only the part of PAG's or SEG's difference "
+              "orthogonal to ε, at scales up to 5, beside the plain term at the same scales: does removing the "
+              "parallel part remove the oversaturation (mean pixel, class TV) that stops PAG at s = 0.5? The "
+              "unguided row is table 9's.",
+         commands=[f"pagkit eval --model fmnist --methods none,slg --scales 0.25,0.5,1 "
+                   f"--layers '{MAP9_PAG[0]};mid;down.2' --intervals 0:1 {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods tpg --scales 0.5,1,2 --layers '{MAP9_PAG[0]};mid' "
+                   f"{COMMON} --out {MAP}",
+                   *(f"pagkit eval --model fmnist --methods pag --scales 1,2 --layers {MAP9_PAG[0]} "
+                     f"--options strength={alpha} {COMMON} --out {MAP}" for alpha in (0.25, 0.5)),
+                   f"pagkit eval --model fmnist --methods pag --scales 0.5,1,2,3,5 --layers {MAP9_PAG[0]} "
+                   f"--options 'rule=apg(eta=0)' {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods pag --scales 3,5 --layers {MAP9_PAG[0]} {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods seg --scales 1,2,3,5 --seg-sigmas inf --layers {MAP9_SEG[0]} "
+                   f"--options 'rule=apg(eta=0)' {COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods seg --scales 3,5 --seg-sigmas inf --layers {MAP9_SEG[0]} "
+                   f"{COMMON} --out {MAP}",
+                   f"pagkit eval --model fmnist --methods autoguidance --scales 1.25,1.5,2,3 "
+                   f"--options weak_model=fmnist-weak {COMMON} --out {MAP}"]),
 ]
 
 

@@ -1,6 +1,7 @@
 """Generate the sample shards of the completed evaluation map (issue 22), one configuration at a time.
 
     python docs/map_shards.py --threads 1            # seed set 0, 500 samples per row, DDIM-20
+    python docs/map_shards.py --threads 1 --table 11 --reverse --last autoguidance   # a second process
 
 Only shards are made here (resumable: finished shards are skipped); `python docs/make_results.py --run`
 (or the `pagkit eval` lines it lists) then scores every configuration whose shards are complete. The
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--first", default="",
                         help="comma-separated parts of configuration keys to make first, in that order "
                              "(e.g. pag_s1_Lmid_,seg_s1_Lmid_)")
+    parser.add_argument("--last", default="",
+                        help="comma-separated parts of configuration keys to make last (e.g. autoguidance, whose "
+                             "weak model may not be exported yet)")
     args = parser.parse_args()
     import torch
     torch.set_num_threads(args.threads)
@@ -41,7 +45,8 @@ def main() -> None:
     jobs = jobs[::-1] if args.reverse else jobs
     firsts = [part for part in args.first.split(",") if part]
     rank = {id(c): next((i for i, part in enumerate(firsts) if part in c.key), len(firsts)) for _, c in jobs}
-    jobs.sort(key=lambda job: rank[id(job[1])])  # stable: the rest keep their order
+    lasts = [part for part in args.last.split(",") if part]
+    jobs.sort(key=lambda job: (any(part in job[1].key for part in lasts), rank[id(job[1])]))  # stable otherwise
     for sweep, config in jobs:
         todo = [k for k in range(sweep.num_shards(config)) if not sweep.shard_path(config, k).is_file()]
         if sweep.result_path(config).is_file() or not todo:
