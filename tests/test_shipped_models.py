@@ -54,3 +54,28 @@ def test_shipped_weak_model_is_the_25pct_snapshot_and_guides_fmnist():
     guided = pagkit.sample(model, scheduler, guidance=[pagkit.AutoGuidance(2.0, weak)],
                            generator=torch.Generator().manual_seed(0), **kw)
     assert (guided - plain).abs().max() > 1e-3
+
+
+def test_shipped_presets_are_tunes_of_their_model_and_load_by_name():
+    """models/<model>/presets/<method>.json is pagkit tune's preset.json for that model, and "<model>:<method>" names
+    it wherever a preset file is taken."""
+    from pagkit.methods import METHODS
+    from pagkit.presets import shipped_presets
+    from pagkit.spec import parse_spec
+    presets = shipped_presets()
+    assert "fmnist:pag" in presets
+    for name, path in presets.items():
+        model, method = name.split(":")
+        record = json.loads(path.read_text())
+        assert (record["model"], record["method"], record["family"]) == (model, method, "unet")
+        assert record["confirmation"]["confirmed"] and record["evidence"]
+        assert record["search"]["cost_samples"] <= record["search"]["budget"]
+        terms = pagkit.load_preset(name)
+        assert terms == parse_spec(record["spec"]) and type(terms[0]) is METHODS[method]
+        assert terms[0].tuned_for["model"] == model
+    assert pagkit.PAG.from_preset("fmnist:pag") == pagkit.load_preset("fmnist:pag")[0]
+    with pytest.raises(ValueError, match="is a pag preset, not seg"):
+        pagkit.load_preset("fmnist:pag", method="seg")
+    with pytest.raises(FileNotFoundError, match=r"no shipped preset of that name \(shipped: fmnist:pag"):
+        pagkit.load_preset("fmnist:nope")
+

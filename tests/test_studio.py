@@ -696,3 +696,11 @@ def test_the_scale_strip_and_the_sites_explorer_draw_a_pipeline_folder_through_a
     assert [site for site, _, _ in cols] == [None, *sites] and len(result.rows) == len(sites) + 1
     # a pipeline's grid comes with its Python, not a CLI line
     assert "pagkit.attach" in result.command and result.command.startswith("import diffusers")
+
+
+def test_a_shipped_preset_is_taken_by_name_without_a_files_root():
+    import pagkit
+    from pagkit.spec import label
+    plan = core.plan(core.Request(configs=["fmnist:pag"], **FAST), files_root=None)
+    assert [text for text, _ in plan.rows] == ["no guidance", label(pagkit.load_preset("fmnist:pag"))]
+    assert "--preset fmnist:pag" in plan.command

@@ -15,6 +15,10 @@ Each loaded term remembers the model family it was tuned for (``term.tuned_for``
 terms still compare equal to the same terms built by hand); binding it to a model of another family
 (``GuidedDenoiser``, hence ``sample`` and ``attach``) is an error naming both, since a site or block of one
 family means nothing in another.
+
+The shipped models ship their tuned presets as ``models/<model>/presets/<method>.json``; anywhere a preset file
+is taken, ``"<model>:<method>"`` names one of them (``pagkit sample --preset fmnist:pag``,
+``load_preset("fmnist:seg")``); ``shipped_presets()`` lists them.
 """
 from __future__ import annotations
 
@@ -25,17 +29,35 @@ from . import io
 PRESET_VERSION = 1
 
 
+def shipped_presets() -> dict[str, Path]:
+    """The shipped models' tuned presets by name, ``"<model>:<method>"`` (e.g. ``"fmnist:pag"``)."""
+    from .load import shipped_models
+    return {f"{model}:{file.stem}": file for model, folder in shipped_models().items()
+            for file in sorted((folder / "presets").glob("*.json"))}
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """The file of a preset path or shipped preset name; one error naming the shipped ones if it is neither."""
+    if Path(path).is_file():
+        return Path(path)
+    shipped = shipped_presets()
+    if str(path) in shipped:
+        return shipped[str(path)]
+    names = ", ".join(shipped) or "none"
+    raise FileNotFoundError(f"no preset file at {path} (pagkit tune writes OUT/preset.json), and no shipped "
+                            f"preset of that name (shipped: {names})")
+
+
 def load_preset(path: str | Path, *, method: str | type | None = None) -> list:
-    """The guidance terms of the preset file ``path`` (``pagkit tune``'s ``preset.json``).
+    """The guidance terms of the preset file ``path`` (``pagkit tune``'s ``preset.json``), or of a shipped
+    preset by name (``"fmnist:pag"``: ``shipped_presets()``).
 
     ``method``: a method name (``"pag"``) or class (``pagkit.PAG``) the preset must be of; another method's
     preset is an error. Each term gets ``tuned_for`` = the preset's model family, checked when it is bound.
     """
     from .methods import METHODS
     from .spec import parse_spec
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no preset file at {path} (pagkit tune writes OUT/preset.json)")
+    path = resolve_preset(path)
     try:
         record = io.read_json(path)
     except ValueError as err:

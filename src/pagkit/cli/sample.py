@@ -41,8 +41,9 @@ def add_parser(subparsers) -> None:
                         "separated by ';', options are the method's fields, lists joined by '+' "
                         "(see pagkit.spec); methods: " + ", ".join(METHODS))
     p.add_argument("--preset", action="append", metavar="FILE",
-                   help="a row of a preset's guidance (pagkit tune's OUT/preset.json; repeatable, beside any "
-                        "--guidance rows); a preset tuned for another model family is an error")
+                   help="a row of a preset's guidance: pagkit tune's OUT/preset.json, or a shipped preset by name "
+                        "(fmnist:pag, fmnist:seg; repeatable, beside any --guidance rows); a preset tuned for "
+                        "another model family is an error")
     p.add_argument("--strip", type=_floats, default=None, metavar="S,S,...",
                    help="also a scale strip: one row per PAG scale on --pag-layers (with CFG on a conditional "
                         "model), the same seeds, so the effect shows growing into oversaturation; ./run demo "
@@ -62,30 +63,49 @@ def _configurations(args, conditional: bool | None) -> list[tuple[str, list]]:
 
 
 def _strip(args, conditional: bool | None) -> list[tuple[str, list]]:
-    """PAG at each --strip scale on --pag-layers (after CFG on a conditional model): s = 0 is the unguided row.
-    Of the shipped pair only the unconditional model gets one (one strip shows the effect; two double the time)."""
+    """PAG at each --strip scale on --pag-layers, or on the sites of the model's first PAG preset row (after CFG
+    on a conditional model): s = 0 is the unguided row. Of the shipped pair only the unconditional model gets one
+    (one strip shows the effect; two double the time)."""
     if conditional and not args.model:
         return []
-    where = ",".join(args.pag_layers)
+    sites = next((t.layers for _, terms in _preset_rows(args, conditional) for t in terms if type(t) is G.PAG),
+                 args.pag_layers)
+    sites = [sites] if isinstance(sites, str) else list(sites)
     cfg = [G.CFG(args.cfg_scale)] if conditional else []
     prefix = f"CFG w={args.cfg_scale:g} + " if conditional else ""
-    return [(f"strip: {prefix}PAG s={s:g}\n{where}", cfg + [G.PAG(s, layers=args.pag_layers)])
+    return [(f"strip: {prefix}PAG s={s:g}\n{','.join(sites)}", cfg + [G.PAG(s, layers=sites)])
             for s in args.strip or []]
 
 
+def _preset_rows(args, conditional: bool | None) -> list[tuple[str, list]]:
+    """(name, terms) of the --preset rows for this model. On the shipped pair a preset tuned for one of them goes to
+    that model only (fmnist:pag to fmnist; fmnist-cond keeps its own rows); any other preset goes to both."""
+    from ..presets import load_preset
+    rows = [(name, load_preset(name)) for name in args.preset or []]
+    if args.model or conditional is None:
+        return rows
+    pair, mine = (DEFAULT_UNCOND, DEFAULT_COND), DEFAULT_COND if conditional else DEFAULT_UNCOND
+    return [(name, terms) for name, terms in rows if _tuned_for(terms) not in pair or _tuned_for(terms) == mine]
+
+
+def _tuned_for(terms: list) -> str | None:
+    """The model a preset's terms were tuned for (``load_preset`` records it), None for terms built otherwise."""
+    return (getattr(terms[0], "tuned_for", None) or {}).get("model") if terms else None
+
+
 def _rows(args, conditional: bool | None) -> list[tuple[str, list]]:
-    if args.guidance or args.preset:  # the user's rows (pagkit.spec, presets), after the unguided one
-        from ..presets import load_preset
+    presets = _preset_rows(args, conditional)
+    if args.guidance or presets:  # the user's rows (pagkit.spec, presets), after the unguided one
         from ..spec import format_spec, label, parse_spec
-        rows = [terms for terms in (parse_spec(text) for text in args.guidance or []) if terms]
-        rows += [load_preset(path) for path in args.preset or []]
-        with_cfg = [terms for terms in rows if any(isinstance(t, G.CFG) for t in terms)]
+        rows = [(label(terms), terms) for terms in (parse_spec(text) for text in args.guidance or []) if terms]
+        rows += [(f"{label(terms)}\npreset {name}", terms) for name, terms in presets]
+        with_cfg = [terms for _, terms in rows if any(isinstance(t, G.CFG) for t in terms)]
         if with_cfg and conditional is False:
             if args.model:  # the user's one model cannot do it
                 raise ValueError(f"--guidance {format_spec(with_cfg[0])!r}: CFG needs a class-conditional model "
                                  f"(with a null class); {args.model} is unconditional")
-            rows = [terms for terms in rows if terms not in with_cfg]  # the shipped pair: CFG rows on fmnist-cond
-        return [("no guidance", [])] + [(label(terms).replace(" + ", "\n+ "), terms) for terms in rows]
+            rows = [(text, terms) for text, terms in rows if terms not in with_cfg]  # the pair: CFG on fmnist-cond
+        return [("no guidance", [])] + [(text.replace(" + ", "\n+ "), terms) for text, terms in rows]
     pag = G.PAG(args.pag_scale, layers=args.pag_layers)
     if conditional:
         return [("no guidance", []), (f"CFG w={args.cfg_scale:g}", [G.CFG(args.cfg_scale)]),

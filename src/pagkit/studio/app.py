@@ -133,8 +133,9 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
                 gr.Markdown("Up to six configurations, each a `--guidance` spec (`pag:1,layers=mid`, "
-                            "`cfg:2; seg:1`, lists joined by `+`) or a preset file (`.json`, from `pagkit tune`); "
-                            "the unguided row comes first, presets after the specs, as in `pagkit sample`.")
+                            "`cfg:2; seg:1`, lists joined by `+`), a preset file (`.json`, from `pagkit tune`) "
+                            "or a shipped preset by name (`fmnist:pag`, `fmnist:seg`); the unguided row comes "
+                            "first, presets after the specs, as in `pagkit sample`.")
                 with gr.Row():
                     method = gr.Dropdown(list(METHODS), value="pag", label="Method", scale=1)
                     insert = gr.Button("Put its defaults into the first empty configuration", scale=2)
@@ -145,7 +146,7 @@ def build(models_root=None, files_root=None, model: str = core.DEFAULT_MODEL) ->
                             for i in range(column * 3, column * 3 + 3):
                                 default = core.DEFAULT_CONFIGS[i] if i < len(core.DEFAULT_CONFIGS) else ""
                                 configs.append(gr.Textbox(default, label=f"Configuration {i + 1}",
-                                                          placeholder="pag:1,layers=mid  or  runs/tune/preset.json",
+                                                          placeholder="pag:1,layers=mid  or  fmnist:pag  or  runs/tune/preset.json",
                                                           elem_id=f"config-{i}"))
                 generate, cancel, compare_error, compare_progress = _run_controls("Generate", "compare",
                                                                                   go_id="generate", cancel_id="cancel")

@@ -32,6 +32,7 @@ import torch
 from ..defaults import (DEFAULT_PAG_LAYERS, DEFAULT_PAG_SCALE, DEFAULT_SAG_LAYER, DEFAULT_SAG_SCALE, DEFAULT_SEG_LAYERS,
                         DEFAULT_SEG_SCALE, DEFAULT_UNCOND, NULL_CLASS)
 from ..load import NEVER_UNPICKLES, PICKLED_SUFFIXES, SCHEDULERS, load_model, load_scheduler, shipped_models
+from ..presets import shipped_presets
 
 MAX_CONFIGS = 6  # configurations side by side in Compare
 MAX_SEEDS = 32  # columns per row on the page: more belongs in a scripted `pagkit sample` run
@@ -185,7 +186,7 @@ class Request:
 
 
 def _is_preset(text: str) -> bool:
-    return text.strip().lower().endswith(".json")
+    return text.strip().lower().endswith(".json") or text.strip() in shipped_presets()
 
 
 def _number(value) -> str:
@@ -267,7 +268,8 @@ def plan(request: Request, *, models_root=None, files_root=None, max_configs: in
     if len(configs) > max_configs:
         raise StudioError(f"at most {max_configs} configurations side by side, got {len(configs)}")
     model_name = check_model(request.model, models_root)
-    presets = [str(check_file(p, files_root, "preset file")) for p in request.presets()]
+    presets = [p if p in shipped_presets() else str(check_file(p, files_root, "preset file"))
+               for p in request.presets()]  # shipped ones by name, others only under --files-root
     args = parse_cli(sample_argv(request, model_name, presets))
     if args.num_images > MAX_SEEDS:
         raise StudioError(f"--num-images {args.num_images}: the studio draws at most {MAX_SEEDS} seeds per "
