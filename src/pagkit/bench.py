@@ -170,7 +170,10 @@ def sd15_configs(steps: int, batch: int = 1, unet=None, side: int = 32, text: in
     }
 
 
-def demo_configs(model, steps: int, batch: int = 1, layers: str = "mid") -> dict[str, Callable[[], None]]:
+def demo_configs(model, steps: int, batch: int = 1, layers: str = "mid", frontier: dict[str, list] | None = None
+                 ) -> dict[str, Callable[[], None]]:
+    """No guidance and PAG on ``layers`` with and without prefix sharing; with ``frontier`` (name → terms, e.g.
+    ``frontier_terms()[0]``) also one row per frontier variant, interleaved with the others."""
     from diffusers import DDIMScheduler
     scheduler = DDIMScheduler()
     size = model.config.sample_size
@@ -179,12 +182,15 @@ def demo_configs(model, steps: int, batch: int = 1, layers: str = "mid") -> dict
     def ours(terms, share=True):
         return lambda: sample(model, scheduler, batch_size=batch, num_inference_steps=steps, guidance=terms,
                               latents=latents, progress_bar=False, prefix_sharing=share)
-    return {
+    configs = {
         "no guidance": ours([]),
         f"PAG({layers}) pagkit, no sharing": ours([G.PAG(3.0, layers=layers)], share=False),
         f"PAG({layers}) pagkit": ours([G.PAG(3.0, layers=layers)]),
         f"PAG({layers}) pagkit, first half only": ours([G.PAG(3.0, layers=layers, stop=0.5)]),
     }
+    for name, terms in (frontier or {}).items():
+        configs.setdefault(name, ours(terms))  # the frontier's "no guidance" is the row above
+    return configs
 
 
 FLUX_SHAPE = dict(num_layers=4, num_single_layers=8, attention_head_dim=32, num_attention_heads=4, in_channels=16,
@@ -309,3 +315,105 @@ DEPTH_BENCHES = {
     "wan": (f"Wan-shaped WanTransformer3DModel {WAN_SHAPE}, latents {'x'.join(map(str, WAN_LATENT))} (F x H x W), "
             "32 text tokens", "Wan-shaped video transformer, PAG on one block at depth d of n", wan_configs),
 }
+
+
+# --- the quality-against-cost frontier (issue 19, item 2; docs/results.md table 12) ------------------------------
+FRONTIER_INTERVALS = ((0.33, 0.67), (0.0, 0.5))  # the middle third and the first half (0 = pure noise)
+FRONTIER_CACHES = (2, 3, 4)  # cache=k: the perturbed rows on 1 active step in k
+
+
+def frontier_name(terms) -> str:
+    """A frontier variant's name, shared by the bench rows and docs/make_results.py's table 12 (which names its
+    eval rows with it to find their cost): ``"PAG t=0.33–0.67"``, ``"SEG cache=2"``, ``"CFG 1.5 + PAG folded"``.
+    Layers and scales are not in it: the bench JSON keeps each row's full spec beside its name."""
+    if not terms:
+        return "no guidance"
+    parts = []
+    for term in terms:
+        if isinstance(term, G.CFG):
+            parts.append(f"CFG {term.scale:g}")
+            continue
+        words = [type(term).__name__]
+        if (term.start, term.stop) != (0.0, 1.0):
+            words.append(f"t={term.start:g}–{term.stop:g}")
+        if getattr(term, "cache", 1) != 1:
+            words.append(f"cache={term.cache}")
+        if getattr(term, "fold", False):
+            words.append("folded")
+        parts.append(" ".join(words))
+    return " + ".join(parts)
+
+
+def frontier_terms(pag=None, seg=None, cfg: float | None = None) -> tuple[dict[str, list], dict[str, list]]:
+    """The frontier's variants by ``frontier_name``: on the unconditional model (no guidance; PAG and SEG on the
+    full trajectory, on each of ``FRONTIER_INTERVALS`` and with each of ``FRONTIER_CACHES``), and on the
+    conditional one (CFG w, CFG w + PAG, CFG w + PAG folded). ``pag``/``seg`` are (layers, scale), default the
+    shipped settings (pagkit.defaults: table 9a's), ``cfg`` CFG's w (default 1.5)."""
+    from .defaults import (DEFAULT_CFG_SCALE, DEFAULT_PAG_LAYERS, DEFAULT_PAG_SCALE, DEFAULT_SEG_LAYERS,
+                           DEFAULT_SEG_SCALE)
+    pag = pag or (DEFAULT_PAG_LAYERS, DEFAULT_PAG_SCALE)
+    seg = seg or (DEFAULT_SEG_LAYERS, DEFAULT_SEG_SCALE)
+    w = DEFAULT_CFG_SCALE if cfg is None else cfg
+    # SEG's σ = ∞ and PAG's identity perturbation written out, as eval's rows write them
+    made = {"PAG": lambda **kw: G.PAG(float(pag[1]), layers=list(pag[0]), perturbation="identity", **kw),
+            "SEG": lambda **kw: G.SEG(float(seg[1]), layers=list(seg[0]), sigma=float("inf"), **kw)}
+    uncond = [[]]
+    for make in made.values():
+        uncond += [[make()], *([make(start=a, stop=b)] for a, b in FRONTIER_INTERVALS),
+                   *([make(cache=k)] for k in FRONTIER_CACHES)]
+    cond = [[G.CFG(w)], [G.CFG(w), made["PAG"]()], [G.CFG(w), made["PAG"](fold=True)]]
+    return ({frontier_name(t): t for t in uncond}, {frontier_name(t): t for t in cond})
+
+
+def frontier_cond_configs(model, steps: int, batch: int = 1, terms: dict[str, list] | None = None
+                          ) -> dict[str, Callable[[], object]]:
+    """The conditional frontier rows (``frontier_terms()[1]``) on a class-conditional model: classes 0, 1, ... as
+    eval cycles them, CFG's ∅ the null class; each runs ``steps`` DDIM steps from the same noise."""
+    from diffusers import DDIMScheduler
+
+    from .defaults import NULL_CLASS
+    scheduler = DDIMScheduler()
+    size = model.config.sample_size
+    latents = torch.randn(batch, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(batch) % NULL_CLASS
+
+    def ours(guidance):
+        return lambda: sample(model, scheduler, batch_size=batch, num_inference_steps=steps, guidance=guidance,
+                              latents=latents, class_labels=labels, null_class_label=NULL_CLASS, progress_bar=False)
+    return {name: ours(t) for name, t in (terms if terms is not None else frontier_terms()[1]).items()}
+
+
+def machine_load() -> dict:
+    """The 1-, 5- and 15-minute load averages and the CPU count: how busy the machine was around a bench."""
+    import os
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2),
+            "cpus": os.cpu_count()}
+
+
+def json_section(title: str, model: str, results: dict[str, Result], baseline: str,
+                 specs: dict[str, str] | None = None) -> dict:
+    """One bench table, machine-readable: per configuration its median seconds, the ratio of medians to
+    ``baseline``, every round's seconds and (frontier rows) its guidance spec (pagkit.spec.format_spec)."""
+    base = results[baseline].median
+    rows = {}
+    for name, res in results.items():
+        rows[name] = {"median_s": res.median, "ratio": res.median / base, "seconds": list(res.seconds),
+                      "peak_rss_rise_mb": max(res.memory_rise) / 2**20}
+        if specs and name in specs:
+            rows[name]["guidance"] = specs[name]
+    return {"title": title, "model": model, "baseline": baseline, "rows": rows}
+
+
+def pareto_front(costs: list[float], values: list[tuple[float, ...]]) -> list[bool]:
+    """Which points are on the Pareto front when cost and every value are to be minimised: point i is on it
+    unless some j is no worse in all (cost and each value) and better in one. Points that tie exactly all stay."""
+    if len(costs) != len(values):
+        raise ValueError(f"{len(costs)} costs for {len(values)} points")
+    on = []
+    for i, (ci, vi) in enumerate(zip(costs, values)):
+        dominated = any(cj <= ci and all(a <= b for a, b in zip(vj, vi)) and (cj < ci or any(a < b for a, b in
+                                                                                          zip(vj, vi)))
+                        for j, (cj, vj) in enumerate(zip(costs, values)) if j != i)
+        on.append(not dominated)
+    return on

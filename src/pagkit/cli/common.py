@@ -102,9 +102,9 @@ def _spacing_option(p) -> None:
                         "models use leading, DDIM-20 from t=950; trailing starts at t=999)")
 
 
-def _random_demo_model():
+def _random_demo_model(conditional: bool = False):
     """sample's and bench's stand-in when no shipped model is installed."""
     from ..train import unet_config
     from diffusers import DDIMScheduler, UNet2DModel
     torch.manual_seed(0)
-    return UNet2DModel(**unet_config(conditional=False)).eval(), DDIMScheduler()
+    return UNet2DModel(**unet_config(conditional=conditional)).eval(), DDIMScheduler()
