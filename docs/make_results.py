@@ -179,6 +179,28 @@ TABLES = [
                    f"{COMMON} --out {MAP}",
                    f"pagkit eval --model fmnist --methods autoguidance --scales 1.25,1.5,2,3 "
                    f"--options weak_model=fmnist-weak {COMMON} --out {MAP}"]),
+    dict(title="12. Quality against cost: the cheaper variants of PAG and SEG, and folding (the frontier)",
+         note="Seed sets 1 and 2 (fresh seeds), 2,000 samples per seed set, DDIM-20 (issue 19, item 2): table 9a's "
+              "PAG and SEG settings on `fmnist` on the full trajectory, on the middle third and the first half, and "
+              "with the difference cached for k = 2, 3, 4 steps (`cache=k`); on `fmnist-cond`, CFG w = 1.5 alone, "
+              "with PAG, and with PAG folded into CFG's unconditional rows (`fold=true`: no extra row). One "
+              "command per seed set and line, so two cores can share the work; the frontier below adds the cost "
+              "measured by `pagkit bench` and lists the 10,000-sample commands for the points on the front.",
+         # (model, eval's method arguments); the intervals and caches are pagkit.bench's FRONTIER_INTERVALS and
+         # FRONTIER_CACHES, which the bench times (tests/test_frontier.py checks they are the same rows)
+         commands=[f"pagkit eval --model {model} --methods {methods} --num-samples 2000 --seed-sets {seeds} "
+                   f"--quiet --out {REPORT}"
+                   for pag, seg, cache in [(f"--scales {MAP9_PAG[1]} --layers {MAP9_PAG[0]}",
+                                            f"--scales {MAP9_SEG[1]} --layers {MAP9_SEG[0]} --seg-sigmas inf",
+                                            "--options cache=2 --options cache=3 --options cache=4")]
+                   for model, methods in (("fmnist", f"none,pag {pag} --intervals 0:1,0.33:0.67,0:0.5"),
+                                          ("fmnist", f"pag {pag} {cache}"),
+                                          ("fmnist", f"seg {seg} --intervals 0:1,0.33:0.67,0:0.5"),
+                                          ("fmnist", f"seg {seg} {cache}"),
+                                          ("fmnist-cond", f"cfg,cfg+pag --cfg-scales 1.5 {pag}"),
+                                          ("fmnist-cond", f"cfg+pag --cfg-scales 1.5 {pag} --options fold=true"))
+                   for seeds in (1, 2)],
+         aggregate=True, section="frontier"),
 ]
 
 
@@ -455,6 +477,323 @@ def _restoration_file(path: Path) -> Path:
     return archived
 
 
+# --- table 12: the quality-against-cost frontier (issue 19, item 2) -----------------------------------------------
+FRONTIER_COST = EVIDENCE / "frontier_cost.json"
+FRONTIER_BENCH = ("pagkit bench --model demo --steps 20 --threads 1 --rounds 5 "
+                  f"--json {FRONTIER_COST.relative_to(ROOT)}")
+FRONTIER_PLOT = "frontier.png"
+# the issue's target: a variant keeping >= KEEP of its full method's FD gain at <= the cost bound (x its baseline)
+FRONTIER_KEEP = 0.8
+FRONTIER_BOUND = {"fmnist": 1.10, "fmnist-cond": 1.05}
+FRONTIER_FRONT_SAMPLES = 10000
+NETWORKS = (("fd", "primary"), ("fd_b", "second"))
+
+
+def _frontier_points(table: dict) -> list[dict]:
+    """Table 12's points in command order: per (model, variant name) its configurations (one per seed set), the
+    guidance spec, the baseline it is measured against (no guidance; CFG alone on the conditional model) and the
+    full method whose gain it keeps a share of (itself on the full trajectory, uncached, unfolded)."""
+    import dataclasses
+
+    from pagkit.bench import frontier_name
+    from pagkit.spec import format_spec
+    points: dict[tuple, dict] = {}
+    for command in table["commands"]:
+        for config in _configs(command)[1]:
+            terms = config.terms()
+            name = frontier_name(terms)
+            full = [dataclasses.replace(t, start=0.0, stop=1.0, cache=1, fold=False) if hasattr(t, "fold") else t
+                    for t in terms]
+            point = points.setdefault((Path(config.model).name, name), dict(
+                model=Path(config.model).name, name=name, spec=format_spec(terms), configs=[],
+                baseline=frontier_name([t for t in terms if type(t).__name__ == "CFG"]), full=frontier_name(full)))
+            point["configs"].append(config)
+    return list(points.values())
+
+
+def _read_row(out: str, key: str) -> dict | None:
+    """A finished row of sweep folder ``out`` (docs/evidence when runs/ lacks it), as _rows reads them."""
+    for source in (ROOT / out / "results" / f"{key}.json", _evidence(out) / f"{key}.json"):
+        if source.is_file():
+            return json.loads(source.read_text())
+    return None
+
+
+def _frontier_cost(path: Path = FRONTIER_COST) -> tuple[dict, dict | None]:
+    """(model, variant name) -> the bench row (ratio, median_s, guidance spec), and the run's record."""
+    if not path.is_file():
+        return {}, None
+    run = json.loads(path.read_text())
+    return {(t["model"], name): row for t in run["tables"] for name, row in t["rows"].items()}, run
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
+def frontier_rows(points: list[dict], rows: dict[str, dict], cost: dict) -> list[dict]:
+    """Per point: FD mean and spread per network over its finished seed sets, the change against its baseline
+    and the share of its full method's gain kept (both on the seed sets all three have), the measured cost ratio
+    (None when not measured, or measured with another spec), and whether it is on its model's Pareto front
+    (cost and the FD of every network present at all of its model's points, 2,000-sample rows)."""
+    from pagkit.bench import pareto_front
+    by_name = {(p["model"], p["name"]): p for p in points}
+    out = []
+    for p in points:
+        done = {c.seed_set: rows[c.key] for c in p["configs"] if c.key in rows and "metrics" in rows[c.key]}
+        bench = cost.get((p["model"], p["name"]))
+        r = dict(point=p, seed_sets=sorted(done), cost=bench["ratio"] if bench and bench.get("guidance") == p["spec"]
+                 else None, cost_other_spec=bool(bench) and bench.get("guidance") != p["spec"], fd={}, change={},
+                 share={})
+        for metric, _ in NETWORKS:
+            values = [done[s]["metrics"].get(metric) for s in sorted(done)]
+            if values and None not in values:
+                r["fd"][metric] = _mean_spread(values)
+        out.append(r)
+    done_sets = {(r["point"]["model"], r["point"]["name"]): set(r["seed_sets"]) for r in out}
+
+    def fd_on(name_key, metric, seed_sets):
+        q = by_name.get(name_key)
+        if q is None:
+            return None
+        values = []
+        for c in q["configs"]:
+            row = rows.get(c.key)
+            if c.seed_set in seed_sets:
+                if row is None or row.get("metrics", {}).get(metric) is None:
+                    return None
+                values.append(row["metrics"][metric])
+        return statistics.fmean(values) if len(values) == len(seed_sets) else None
+
+    for r in out:
+        p = r["point"]
+        for metric, _ in NETWORKS:
+            if metric not in r["fd"]:
+                continue
+            # the seed sets that the point, its baseline and its full method all have
+            seeds = set(r["seed_sets"]) & done_sets.get((p["model"], p["baseline"]), set()) & \
+                done_sets.get((p["model"], p["full"]), set())
+            if not seeds:
+                continue
+            mine, base, full = (fd_on((p["model"], p[which]), metric, seeds) for which in ("name", "baseline", "full"))
+            if mine is None or base is None or p["name"] == p["baseline"]:
+                continue
+            r["change"][metric] = 100 * (mine - base) / base
+            if full is not None and base - full > 0:
+                r["share"][metric] = (base - mine) / (base - full)
+    for model in dict.fromkeys(r["point"]["model"] for r in out):
+        mine = [r for r in out if r["point"]["model"] == model and r["cost"] is not None and r["fd"]]
+        metrics = [m for m, _ in NETWORKS if all(m in r["fd"] for r in mine)]
+        for r, on in zip(mine, pareto_front([r["cost"] for r in mine],
+                                            [tuple(r["fd"][m][0] for m in metrics) for r in mine])):
+            r["front"] = on
+    return out
+
+
+def frontier_target(table_rows: list[dict]) -> list[str]:
+    """The variants that meet the issue's target: >= FRONTIER_KEEP of the full method's gain on every network
+    measured, at a cost <= FRONTIER_BOUND[model] x the baseline's."""
+    met = []
+    for r in table_rows:
+        p = r["point"]
+        if p["name"] in (p["baseline"], p["full"]) or r["cost"] is None or not r["share"]:
+            continue
+        if r["cost"] <= FRONTIER_BOUND.get(p["model"], 0) and all(
+                r["share"].get(m, -1) >= FRONTIER_KEEP for m in r["fd"]):
+            met.append(f"{p['model']}: {p['name']}")
+    return met
+
+
+def _eval_command(config, num_samples: int, out: str = REPORT) -> str:
+    """The `pagkit eval` line of one configuration at ``num_samples`` (checked: it parses back to that key)."""
+    from dataclasses import replace
+    parts = ["pagkit eval", f"--model {config.model}", f"--methods {config.method}"]
+    if "cfg" in config.method:
+        parts.append(f"--cfg-scales {config.cfg_scale:g}")
+    if config.guided:
+        parts += [f"--scales {config.scale:g}", f"--layers {shlex.quote(','.join(config.layers))}"]
+        if config.guided == "seg":
+            parts.append(f"--seg-sigmas {config.sigma:g}")
+        if config.perturbation != "identity" and "pag" in config.method:
+            parts.append(f"--perturbations {config.perturbation}")
+        if (config.start, config.stop) != (0.0, 1.0):
+            parts.append(f"--intervals {config.start:g}:{config.stop:g}")
+        if config.options:
+            parts.append("--options " + shlex.quote(",".join(f"{k}={v}" for k, v in config.options)))
+    if (config.scheduler, config.steps) != ("ddim", 20):
+        parts += [f"--scheduler {config.scheduler}", f"--steps {config.steps}"]
+    if config.timestep_spacing:
+        parts.append(f"--timestep-spacing {config.timestep_spacing}")
+    parts += [f"--num-samples {num_samples}", f"--seed-sets {config.seed_set}", "--quiet", f"--out {out}"]
+    command = " ".join(parts)
+    made = [c.key for c in _configs(command)[1]]
+    assert made == [replace(config, num_samples=num_samples).key], (command, made)
+    return command
+
+
+def front_commands(table_rows: list[dict], num_samples: int = FRONTIER_FRONT_SAMPLES) -> list[str]:
+    """The eval lines (one per seed set) for the points on the front and the references they are read against
+    (their baseline and full method), at ``num_samples``; empty until a front is known."""
+    wanted = {(r["point"]["model"], r["point"]["name"]) for r in table_rows if r.get("front")}
+    for r in table_rows:
+        if r.get("front"):
+            wanted |= {(r["point"]["model"], r["point"]["baseline"]), (r["point"]["model"], r["point"]["full"])}
+    return [_eval_command(c, num_samples) for r in table_rows
+            if (r["point"]["model"], r["point"]["name"]) in wanted for c in r["point"]["configs"]]
+
+
+def _cell(pair, digits: int) -> str:
+    return "—" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def _frontier_plot(table_rows: list[dict], path: Path) -> bool:
+    """FD against measured cost, one panel per model and network, the front connected; False when no point
+    has both a cost and an FD."""
+    drawn = [r for r in table_rows if r["cost"] is not None and r["fd"]]
+    if not drawn:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["point"]["model"] for r in drawn))
+    metrics = [m for m in NETWORKS if any(m[0] in r["fd"] for r in drawn)]
+    fig, axes = plt.subplots(len(metrics), len(models), figsize=(5.5 * len(models), 4 * len(metrics)),
+                             squeeze=False)
+    for col, model in enumerate(models):
+        for row, (metric, network) in enumerate(metrics):
+            ax = axes[row][col]
+            mine = sorted((r for r in drawn if r["point"]["model"] == model and metric in r["fd"]),
+                          key=lambda r: r["cost"])
+            for r in mine:
+                mean, spread = r["fd"][metric]
+                colour = "C3" if r.get("front") else "C0"
+                ax.errorbar([r["cost"]], [mean], yerr=[spread], fmt="o", color=colour, capsize=3)
+                ax.annotate(r["point"]["name"], (r["cost"], mean), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")
+            front = [r for r in mine if r.get("front")]
+            ax.plot([r["cost"] for r in front], [r["fd"][metric][0] for r in front], "-", color="C3",
+                    label="Pareto front")
+            bound = FRONTIER_BOUND.get(model)
+            if bound:
+                ax.axvline(bound, ls=":", color="grey", label=f"target cost ≤ {bound:.2f}×")
+            base = mine[0]["point"]["baseline"] if mine else ""
+            ax.set_xlabel(f"measured cost (× {base})")
+            ax.set_ylabel(f"FD ({network} network) ↓")
+            ax.set_title(f"{model}: FD against cost ({network} network)", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _frontier_section(table: dict, cost_path: Path = FRONTIER_COST, plot: Path | None = None) -> list[str]:
+    """Table 12's frontier: per point FD, change, share of the full method's gain, measured cost, the front
+    marked; whether the target is met; the plot; the bench command and the 10,000-sample lines for the front."""
+    points = _frontier_points(table)
+    rows = {}
+    for p in points:
+        for c in p["configs"]:
+            row = _read_row(REPORT, c.key)
+            if row is not None:
+                rows[c.key] = row
+    cost, run = _frontier_cost(cost_path)
+    table_rows = frontier_rows(points, rows, cost)
+    from dataclasses import replace
+    big = {}  # the front's 10,000-sample rows, where made: (model, name) -> {metric: (mean, spread)}
+    for r in table_rows:
+        made = [_read_row(REPORT, replace(c, num_samples=FRONTIER_FRONT_SAMPLES).key) for c in r["point"]["configs"]]
+        made = [m for m in made if m is not None and "metrics" in m]
+        big[id(r)] = {m: _mean_spread([x["metrics"][m] for x in made]) for m, _ in NETWORKS
+                      if made and all(x["metrics"].get(m) is not None for x in made)}
+    md = ["### 12a. The frontier: FD against measured cost", "",
+          "Cost: the median wall time of one sampling run (DDIM-20, same noise, rounds interleaved) divided by the "
+          "baseline's, measured by the bench command below on the shipped models; on `fmnist` the baseline is no "
+          "guidance, so the cost is in unguided-sampler equivalents (forward passes per step: an exact PAG or SEG "
+          "step adds a perturbed row, less the prefix it shares with the plain one); on `fmnist-cond` it is CFG "
+          "w = 1.5 alone (its two rows per step = 1). FD: mean ± spread (half the range) over the seed sets done; "
+          "change and share on the seed sets that the point, its baseline and its full method all have: share = "
+          "(FD_baseline − FD_variant) / (FD_baseline − FD_full), per network (primary / second; — where the full "
+          "method lowers no FD on that network). On the front (★): no other point of the model is as cheap and as "
+          "good on every network (2,000-sample rows; the spread is not taken into account).",
+          "", "```sh", FRONTIER_BENCH, "```", ""]
+    if run is None:
+        shown = cost_path.relative_to(ROOT) if cost_path.is_relative_to(ROOT) else cost_path
+        md += [f"Cost not measured yet (no `{shown}`).", ""]
+    else:
+        load = run.get("load_before", {})
+        md += [f"Cost measured {run['date']}: `{run['command']}` ({run['steps']} steps, batch {run['batch']}, "
+               f"{run['rounds']} rounds, {run['threads']} thread(s); load average {load.get('load_1m')} on "
+               f"{load.get('cpus')} CPUs before, {run.get('load_after', {}).get('load_1m')} after: other jobs were "
+               "running, which interleaving spreads over all rows alike).", ""]
+        from pagkit.evaluate import MICRO_BATCH
+        if run["batch"] != MICRO_BATCH:
+            md += [f"The bench sampled batches of {run['batch']}; eval samples {MICRO_BATCH} at a time "
+                   "(pagkit.evaluate.MICRO_BATCH), where per-call overheads weigh less: `--batch "
+                   f"{MICRO_BATCH}` measures at eval's size (slower: about 40 s per run on one thread).", ""]
+        within = []
+        for model, bound in FRONTIER_BOUND.items():
+            names = [f"{name} ({row['ratio']:.2f})" for (m, name), row in cost.items()
+                     if m == model and row.get("guidance") and 1 < row["ratio"] <= bound]
+            within.append(f"`{model}` (≤ {bound:.2f}×): " + (", ".join(names) if names else
+                          "**none**: whatever their FD, no variant can meet the target there at this cost"))
+        md += ["Variants within the target's cost bound, measured: " + "; ".join(within) + ".", ""]
+        if run["steps"] != 20:
+            md += [f"**The cost was measured at {run['steps']} steps, the rows at 20: intervals and caching cost "
+                   "a different share there; re-run the bench command above.**", ""]
+    if not any(r["fd"] for r in table_rows):
+        md += ["(no rows finished yet: the frontier is drawn once table 12's rows are made)", ""]
+    header = ["model", "point", "seed sets", "FD ↓", "FD (b) ↓", "FD change", "FD (b) change", "share of gain",
+              "cost (× baseline)", "front", "FD ↓ at 10k", "FD (b) ↓ at 10k"]
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table_rows:
+        p = r["point"]
+        changes = [f"{r['change'][m]:+.1f}%" if m in r["change"] else "—" for m, _ in NETWORKS]
+        # per network (primary / second); — where the full method lowers no FD there (no gain to keep)
+        share = " / ".join(f"{r['share'][m]:.0%}" if m in r["share"] else "—" for m, _ in NETWORKS) \
+            if r["share"] else "—"
+        cost_cell = (f"{r['cost']:.2f}" if r["cost"] is not None else "(other setting)" if r["cost_other_spec"]
+                     else "—")
+        md.append("| " + " | ".join([p["model"], f"{p['name']} (`{p['spec']}`)",
+                                      ",".join(map(str, r["seed_sets"])) or "—", _cell(r["fd"].get("fd"), 3),
+                                      _cell(r["fd"].get("fd_b"), 3), *changes, share, cost_cell,
+                                      "★" if r.get("front") else "", _cell(big[id(r)].get("fd"), 3),
+                                      _cell(big[id(r)].get("fd_b"), 3)]) + " |")
+    md.append("")
+    if any(r["seed_sets"] for r in table_rows):  # every metric of the 2,000-sample rows, per point
+        names = [m[1] for m in METRICS]
+        md += ["Every metric of the 2,000-sample rows (mean ± spread over the seed sets):", "",
+               "| model | point | seed sets | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 3)]
+        for r in table_rows:
+            done = [rows[c.key] for c in r["point"]["configs"] if c.key in rows and "metrics" in rows[c.key]]
+            if not done:
+                continue
+            cells = []
+            for name, _, digits in METRICS:
+                values = [x["metrics"].get(name) for x in done]
+                cells.append("—" if None in values else _cell(_mean_spread(values), digits))
+            md.append(f"| {r['point']['model']} | {r['point']['name']} | {','.join(map(str, r['seed_sets']))} | "
+                      + " | ".join(cells) + " |")
+        md.append("")
+    measured = [r for r in table_rows if r["cost"] is not None and r["share"]]
+    if measured:
+        met = frontier_target(table_rows)
+        bounds = ", ".join(f"≤ {b:.2f}× on `{m}`" for m, b in FRONTIER_BOUND.items())
+        md += [f"Target (issue 19): a variant keeping ≥ {FRONTIER_KEEP:.0%} of its full method's FD gain on every "
+               f"network at a cost {bounds}: " + (("**met** by " + ", ".join(met) + ".") if met else
+                                                   "**not met** by any variant measured (finding)."), ""]
+    if plot is None:
+        plot = ROOT / "docs" / FRONTIER_PLOT
+    if _frontier_plot(table_rows, plot):
+        md += [f"![FD against measured cost, Pareto front connected]({plot.name})", ""]
+    commands = front_commands(table_rows)
+    md += [f"The {FRONTIER_FRONT_SAMPLES:,}-sample rows for the points on the front and their references "
+           "(table 1 has the unguided and full-method ones):", ""]
+    md += (["```sh", *commands, "```"] if commands else
+           ["(none yet: the front is known once the 2,000-sample rows and the cost are in)"])
+    return md + [""]
+
+
 def build(prologue: str = "") -> None:
     from pagkit import io
     copied = archive()
@@ -483,7 +822,10 @@ def build(prologue: str = "") -> None:
             restoration_done = True
         rows, missing = _rows(table)
         md += [f"## {table['title']}", "", table["note"], "", "```sh"] + table["commands"] + ["```", ""]
-        md += _table_lines(rows, table.get("aggregate", False)) if rows else ["(no rows finished yet)"]
+        if table.get("section") == "frontier":  # table 12: its own rows name the variants (options, intervals)
+            md += _frontier_section(table)
+        else:
+            md += _table_lines(rows, table.get("aggregate", False)) if rows else ["(no rows finished yet)"]
         if missing:
             md += ["", f"Not computed in this session ({len(missing)} configurations): "
                    + ", ".join(f"`{k}`" for k in missing)]
