@@ -296,6 +296,15 @@ def test_sd15_bench_times_attach_beside_diffusers_and_sample_and_attach_matches_
         assert (configs[f"{which} pagkit.attach"]() - expected).abs().max() < 1e-4
         assert (configs[f"{which} pagkit"]() - expected).abs().max() < 1e-4
     assert (configs["CFG 7.5 (diffusers)"]() - configs["CFG+PAG(mid) diffusers"]()).abs().max() > 1e-3  # not vacuous
+    # attach with no terms runs the pipeline's own CFG batch through its wrapper: the pipeline's result, bit for bit
+    assert torch.equal(configs["CFG 7.5 pagkit.attach, no terms"](), configs["CFG 7.5 (diffusers)"]())
+    reading = bench.sd15_reading(results)
+    assert reading.startswith(f"Target (issue 19): CFG+PAG(mid) ≤ {bench.SD15_TARGET:.2f}× CFG 7.5 on the same")
+    ratio = results["CFG+PAG(mid) pagkit.attach"].median / results["CFG 7.5 (diffusers)"].median
+    assert f"CFG+PAG(mid) pagkit.attach ÷ CFG 7.5 (diffusers) = {ratio:.2f}" in reading
+    ratio = results["CFG+PAG(mid) pagkit"].median / results["CFG 7.5 pagkit"].median  # sample: its own loop
+    assert f"CFG+PAG(mid) pagkit ÷ CFG 7.5 pagkit = {ratio:.2f}" in reading
+    assert "PAG(mid) ÷ no guidance pagkit = " in reading and "CFG 7.5 pagkit.attach, no terms ÷" in reading
 
 
 def _bench_gpu():
@@ -318,6 +327,7 @@ def test_bench_gpu_script_runs_small_on_cpu_and_writes_its_tables(tmp_path, caps
                 "PAG(mid) diffusers", "PAG(mid) pagkit", "PAG(mid) pagkit.attach", "no guidance",
                 "PAG(block 1 of 4) pagkit, no sharing", "PAG(block 1 of 4) pagkit"):
         assert f"| {row} |" in text, row
+    assert "Target (issue 19): CFG+PAG(mid) ≤ 1.36× CFG 7.5 on the same sampling loop" in text
     assert [p.name for p in out.parent.iterdir()] == ["bench_gpu.md"]  # atomic: no temporary left
 
 

@@ -35,6 +35,7 @@ def run(args) -> None:
         results = bench.run_interleaved(bench.sd15_configs(args.steps), args.rounds)
         sections.append(bench.report("SD1.5-shaped UNet, 32×32 latents", results,
                                      ["CFG 7.5 (diffusers)", "no guidance (diffusers)"]))
+        sections.append(bench.sd15_reading(results))
     for name in ("flux", "wan"):  # PAG by depth on a random-weight transformer, beside the limit (n - d)/n
         if args.model in (name, "all"):
             header, title, make = bench.DEPTH_BENCHES[name]
