@@ -275,6 +275,36 @@ def test_stg_on_a_video_model_caches_and_folds():
         pagkit.STG(1.0, layers=[1], fold=True, rescale=0.7)
 
 
+# --- the Python around the forward ---------------------------------------------------------------------------
+
+def test_guided_steps_through_sample_and_attach_do_not_walk_the_models_modules(monkeypatch):
+    """Finding the sites, or a module by name through ``named_modules``, walks every module of the model (7 ms a
+    step on the SD1.5-shaped UNet of ``pagkit bench``): a denoiser reads the sites once, then looks modules up by
+    name. Counted here with CFG + PAG on the mid block (routed sites and prefix sharing) and SEG (another site)."""
+    walks = []
+    original = torch.nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        walks.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    pipe = models.sd_pipeline()
+    g = torch.Generator().manual_seed(0)
+    emb, neg = (torch.randn(1, 5, pipe.unet.config.cross_attention_dim, generator=g) for _ in range(2))
+    terms = [pagkit.PAG(2.0, layers="mid"), pagkit.SEG(1.0, layers="up")]
+    for steps in (2, 5):  # the walks of one run do not grow with its steps
+        monkeypatch.setattr(torch.nn.Module, "named_modules", counting)
+        with pagkit.attach(pipe, *terms):
+            pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, output_type="latent",
+                 guidance_scale=5.0)
+        pagkit.sample(pipe.unet, models.ddim(), num_inference_steps=steps, guidance=[pagkit.CFG(5.0), *terms],
+                      encoder_hidden_states=emb, negative_encoder_hidden_states=neg, progress_bar=False)
+        monkeypatch.undo()
+        if steps == 2:
+            at_two, walks[:] = len(walks), []
+    assert len(walks) == at_two, walks
+
+
 # --- the bench (pagkit bench, docs/bench_gpu.py) ---------------------------------------------------------------
 
 def _tiny_sd15_configs(steps=2):
