@@ -335,6 +335,11 @@ def test_sd15_bench_times_attach_beside_diffusers_and_sample_and_attach_matches_
     ratio = results["CFG+PAG(mid) pagkit"].median / results["CFG 7.5 pagkit"].median  # sample: its own loop
     assert f"CFG+PAG(mid) pagkit ÷ CFG 7.5 pagkit = {ratio:.2f}" in reading
     assert "PAG(mid) ÷ no guidance pagkit = " in reading and "CFG 7.5 pagkit.attach, no terms ÷" in reading
+    assert "exact-result limit" not in reading  # only with the prefix's share
+    share = bench.prefix_share(models.sd_unet(cross_attention_dim=24), side=8, text=7)
+    assert 0 < share < 1
+    third = results["CFG+PAG(mid) pagkit, no sharing"].median / results["CFG 7.5 pagkit"].median
+    assert f"× (1 − {share:.2f}) = {1 + (third - 1) * (1 - share):.2f}," in bench.sd15_reading(results, share=share)
 
 
 def _bench_gpu():

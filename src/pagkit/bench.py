@@ -174,6 +174,41 @@ def sd15_configs(steps: int, batch: int = 1, unet=None, side: int = 32, text: in
     }
 
 
+@torch.no_grad()
+def prefix_share(unet, layers: str = "mid", rows: int = 2, side: int = 32, text: int = 77, repeats: int = 3) -> float:
+    """The share of a forward of ``rows`` rows spent in the stages before ``layers`` (those prefix sharing runs on
+    fewer rows: conv_in and the down blocks for ``mid``), timed with hooks around them; median of ``repeats``."""
+    from .layers import resolve_layers
+    from .prefix import prefix_stages
+    stages = prefix_stages(unet, resolve_layers(unet, layers))
+    if not stages:
+        raise ValueError(f"{type(unet).__name__} has no stages before {layers!r} to share")
+    spent, start = [0.0], {}
+    handles = []
+    for name in stages:
+        module = unet.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: start.__setitem__(n, time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, n=name: spent.__setitem__(0, spent[0] + time.perf_counter() - start[n])))
+    p = next(unet.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, unet.config.in_channels, side, side, generator=g).to(p.device, p.dtype)
+    emb = torch.randn(rows, text, unet.config.cross_attention_dim, generator=g).to(p.device, p.dtype)
+    t = torch.tensor(500, device=p.device)
+    shares = []
+    try:
+        unet(x, t, emb)  # warm-up
+        for _ in range(repeats):
+            spent[0] = 0.0
+            begin = time.perf_counter()
+            unet(x, t, emb)
+            shares.append(spent[0] / (time.perf_counter() - begin))
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(shares)
+
+
 SD15_TARGET = 1.36
 """Issue 19: CFG+PAG(mid) costs at most this many times CFG 7.5, through ``pagkit.sample`` and ``pagkit.attach``."""
 
@@ -188,12 +223,14 @@ _SAME_LOOP = (
 )
 
 
-def sd15_reading(results: dict[str, Result], target: float = SD15_TARGET) -> str:
+def sd15_reading(results: dict[str, Result], target: float = SD15_TARGET, share: float | None = None) -> str:
     """The sd15 table's ratios read on one sampling loop each, against the target.
 
     The table's ÷ columns divide every row by diffusers' pipeline; ``pagkit.sample`` runs its own loop, so its
     rows are read here against its own CFG and unguided rows, and attach's (which runs inside the pipeline)
-    against the pipeline's. Rows missing from ``results`` are left out."""
+    against the pipeline's. Rows missing from ``results`` are left out. ``share`` (``prefix_share``): the prefix's
+    share of a forward; with it, the exact-result limit of prefix sharing in this run: the third row costs what
+    the no-sharing row says it costs, on the stages after the prefix only."""
     def ratio(a, b):
         return results[a].median / results[b].median if a in results and b in results else None
 
@@ -209,6 +246,12 @@ def sd15_reading(results: dict[str, Result], target: float = SD15_TARGET) -> str
     wrapper = ratio("CFG 7.5 pagkit.attach, no terms", "CFG 7.5 (diffusers)")
     if wrapper is not None:
         lines.append(f"- attach's wrapper alone: CFG 7.5 pagkit.attach, no terms ÷ CFG 7.5 (diffusers) = {wrapper:.2f}")
+    third = ratio("CFG+PAG(mid) pagkit, no sharing", "CFG 7.5 pagkit")
+    if share is not None and third is not None:
+        limit = 1 + (third - 1) * (1 - share)
+        lines.append(f"- exact-result limit of prefix sharing: 1 + (CFG+PAG(mid) pagkit, no sharing ÷ CFG 7.5 pagkit "
+                     f"− 1) × (1 − {share:.2f}) = {limit:.2f}, {share:.2f} the prefix's (conv_in, down blocks) timed "
+                     "share of a forward")
     loops = ratio("CFG 7.5 pagkit", "CFG 7.5 (diffusers)")
     if loops is not None:
         lines.append(f"- the two loops: CFG 7.5 pagkit ÷ CFG 7.5 (diffusers) = {loops:.2f} (the same UNet batch)")
