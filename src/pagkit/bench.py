@@ -245,13 +245,14 @@ def sd15_reading(results: dict[str, Result], target: float = SD15_TARGET, share:
         lines.append(f"- {what}: {guided} ÷ {cfg} = {r:.2f} ({verdict}){pag_text}")
     wrapper = ratio("CFG 7.5 pagkit.attach, no terms", "CFG 7.5 (diffusers)")
     if wrapper is not None:
-        lines.append(f"- attach's wrapper alone: CFG 7.5 pagkit.attach, no terms ÷ CFG 7.5 (diffusers) = {wrapper:.2f}")
+        lines.append("- attach's wrapper alone: CFG 7.5 pagkit.attach, no terms ÷ CFG 7.5 (diffusers) = "
+                     f"{wrapper:.2f}")
     third = ratio("CFG+PAG(mid) pagkit, no sharing", "CFG 7.5 pagkit")
     if share is not None and third is not None:
         limit = 1 + (third - 1) * (1 - share)
-        lines.append(f"- exact-result limit of prefix sharing: 1 + (CFG+PAG(mid) pagkit, no sharing ÷ CFG 7.5 pagkit "
-                     f"− 1) × (1 − {share:.2f}) = {limit:.2f}, {share:.2f} the prefix's (conv_in, down blocks) timed "
-                     "share of a forward")
+        lines.append("- exact-result limit of prefix sharing: 1 + (CFG+PAG(mid) pagkit, no sharing ÷ CFG 7.5 "
+                     f"pagkit − 1) × (1 − {share:.2f}) = {limit:.2f}, {share:.2f} the prefix's (conv_in, down "
+                     "blocks) timed share of a forward")
     loops = ratio("CFG 7.5 pagkit", "CFG 7.5 (diffusers)")
     if loops is not None:
         lines.append(f"- the two loops: CFG 7.5 pagkit ÷ CFG 7.5 (diffusers) = {loops:.2f} (the same UNet batch)")
