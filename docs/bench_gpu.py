@@ -143,7 +143,8 @@ def run_sd15(args, device, memory):
     print(head, flush=True)
     results = bench.run_interleaved(configs, args.rounds, device=device)
     return head, bench.report("SD1.5: diffusers vs pagkit.sample vs pagkit.attach", results,
-                              ["CFG 7.5 (diffusers)", "no guidance (diffusers)"], memory=memory)
+                              ["CFG 7.5 (diffusers)", "no guidance (diffusers)"], memory=memory) + \
+        "\n\n" + bench.sd15_reading(results)
 
 
 def run_flux(args, device, memory):

@@ -275,6 +275,36 @@ def test_stg_on_a_video_model_caches_and_folds():
         pagkit.STG(1.0, layers=[1], fold=True, rescale=0.7)
 
 
+# --- the Python around the forward ---------------------------------------------------------------------------
+
+def test_guided_steps_through_sample_and_attach_do_not_walk_the_models_modules(monkeypatch):
+    """Finding the sites, or a module by name through ``named_modules``, walks every module of the model (7 ms a
+    step on the SD1.5-shaped UNet of ``pagkit bench``): a denoiser reads the sites once, then looks modules up by
+    name. Counted here with CFG + PAG on the mid block (routed sites and prefix sharing) and SEG (another site)."""
+    walks = []
+    original = torch.nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        walks.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    pipe = models.sd_pipeline()
+    g = torch.Generator().manual_seed(0)
+    emb, neg = (torch.randn(1, 5, pipe.unet.config.cross_attention_dim, generator=g) for _ in range(2))
+    terms = [pagkit.PAG(2.0, layers="mid"), pagkit.SEG(1.0, layers="up")]
+    for steps in (2, 5):  # the walks of one run do not grow with its steps
+        monkeypatch.setattr(torch.nn.Module, "named_modules", counting)
+        with pagkit.attach(pipe, *terms):
+            pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, output_type="latent",
+                 guidance_scale=5.0)
+        pagkit.sample(pipe.unet, models.ddim(), num_inference_steps=steps, guidance=[pagkit.CFG(5.0), *terms],
+                      encoder_hidden_states=emb, negative_encoder_hidden_states=neg, progress_bar=False)
+        monkeypatch.undo()
+        if steps == 2:
+            at_two, walks[:] = len(walks), []
+    assert len(walks) == at_two, walks
+
+
 # --- the bench (pagkit bench, docs/bench_gpu.py) ---------------------------------------------------------------
 
 def _tiny_sd15_configs(steps=2):
@@ -296,6 +326,20 @@ def test_sd15_bench_times_attach_beside_diffusers_and_sample_and_attach_matches_
         assert (configs[f"{which} pagkit.attach"]() - expected).abs().max() < 1e-4
         assert (configs[f"{which} pagkit"]() - expected).abs().max() < 1e-4
     assert (configs["CFG 7.5 (diffusers)"]() - configs["CFG+PAG(mid) diffusers"]()).abs().max() > 1e-3  # not vacuous
+    # attach with no terms runs the pipeline's own CFG batch through its wrapper: the pipeline's result, bit for bit
+    assert torch.equal(configs["CFG 7.5 pagkit.attach, no terms"](), configs["CFG 7.5 (diffusers)"]())
+    reading = bench.sd15_reading(results)
+    assert reading.startswith(f"Target (issue 19): CFG+PAG(mid) ≤ {bench.SD15_TARGET:.2f}× CFG 7.5 on the same")
+    ratio = results["CFG+PAG(mid) pagkit.attach"].median / results["CFG 7.5 (diffusers)"].median
+    assert f"CFG+PAG(mid) pagkit.attach ÷ CFG 7.5 (diffusers) = {ratio:.2f}" in reading
+    ratio = results["CFG+PAG(mid) pagkit"].median / results["CFG 7.5 pagkit"].median  # sample: its own loop
+    assert f"CFG+PAG(mid) pagkit ÷ CFG 7.5 pagkit = {ratio:.2f}" in reading
+    assert "PAG(mid) ÷ no guidance pagkit = " in reading and "CFG 7.5 pagkit.attach, no terms ÷" in reading
+    assert "exact-result limit" not in reading  # only with the prefix's share
+    share = bench.prefix_share(models.sd_unet(cross_attention_dim=24), side=8, text=7)
+    assert 0 < share < 1
+    third = results["CFG+PAG(mid) pagkit, no sharing"].median / results["CFG 7.5 pagkit"].median
+    assert f"× (1 − {share:.2f}) = {1 + (third - 1) * (1 - share):.2f}," in bench.sd15_reading(results, share=share)
 
 
 def _bench_gpu():
@@ -318,6 +362,7 @@ def test_bench_gpu_script_runs_small_on_cpu_and_writes_its_tables(tmp_path, caps
                 "PAG(mid) diffusers", "PAG(mid) pagkit", "PAG(mid) pagkit.attach", "no guidance",
                 "PAG(block 1 of 4) pagkit, no sharing", "PAG(block 1 of 4) pagkit"):
         assert f"| {row} |" in text, row
+    assert "Target (issue 19): CFG+PAG(mid) ≤ 1.36× CFG 7.5 on the same sampling loop" in text
     assert [p.name for p in out.parent.iterdir()] == ["bench_gpu.md"]  # atomic: no temporary left
 
 

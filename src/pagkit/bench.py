@@ -148,9 +148,9 @@ def sd15_configs(steps: int, batch: int = 1, unet=None, side: int = 32, text: in
                           progress_bar=False, prefix_sharing=share)
         return run
 
-    def attached(w):
+    def attached(w, *terms):
         def run():
-            with attach(pipe, G.PAG(3.0, layers="mid")):  # entering and leaving are part of what a user pays
+            with attach(pipe, *terms):  # entering and leaving are part of what a user pays
                 return pipe(**call, guidance_scale=w).images
         return run
 
@@ -159,15 +159,104 @@ def sd15_configs(steps: int, batch: int = 1, unet=None, side: int = 32, text: in
         "CFG 7.5 (diffusers)": lambda: pipe(**call, guidance_scale=7.5).images,
         "CFG+PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=7.5, pag_scale=3.0).images,
         "PAG(mid) diffusers": lambda: pag_pipe(**call, guidance_scale=1.0, pag_scale=3.0).images,
+        "no guidance pagkit": ours([]),
         "CFG 7.5 pagkit": ours([G.CFG(7.5)]),
         "CFG+PAG(mid) pagkit, no sharing": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")], share=False),
         "CFG+PAG(mid) pagkit": ours([G.CFG(7.5), G.PAG(3.0, layers="mid")]),
         "PAG(mid) pagkit, no sharing": ours([G.PAG(3.0, layers="mid")], share=False),
         "PAG(mid) pagkit": ours([G.PAG(3.0, layers="mid")]),
         "PAG(mid) pagkit, first half only": ours([G.PAG(3.0, layers="mid", stop=0.5)]),
-        "CFG+PAG(mid) pagkit.attach": attached(7.5),
-        "PAG(mid) pagkit.attach": attached(1.0),
+        # attach's own loop is diffusers' pipeline: with no terms it runs the pipeline's CFG batch through the
+        # wrapper, so its ratio to "CFG 7.5 (diffusers)" is what the wrapper alone costs
+        "CFG 7.5 pagkit.attach, no terms": attached(7.5),
+        "CFG+PAG(mid) pagkit.attach": attached(7.5, G.PAG(3.0, layers="mid")),
+        "PAG(mid) pagkit.attach": attached(1.0, G.PAG(3.0, layers="mid")),
     }
+
+
+@torch.no_grad()
+def prefix_share(unet, layers: str = "mid", rows: int = 2, side: int = 32, text: int = 77, repeats: int = 3) -> float:
+    """The share of a forward of ``rows`` rows spent in the stages before ``layers`` (those prefix sharing runs on
+    fewer rows: conv_in and the down blocks for ``mid``), timed with hooks around them; median of ``repeats``."""
+    from .layers import resolve_layers
+    from .prefix import prefix_stages
+    stages = prefix_stages(unet, resolve_layers(unet, layers))
+    if not stages:
+        raise ValueError(f"{type(unet).__name__} has no stages before {layers!r} to share")
+    spent, start = [0.0], {}
+    handles = []
+    for name in stages:
+        module = unet.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: start.__setitem__(n, time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, n=name: spent.__setitem__(0, spent[0] + time.perf_counter() - start[n])))
+    p = next(unet.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, unet.config.in_channels, side, side, generator=g).to(p.device, p.dtype)
+    emb = torch.randn(rows, text, unet.config.cross_attention_dim, generator=g).to(p.device, p.dtype)
+    t = torch.tensor(500, device=p.device)
+    shares = []
+    try:
+        unet(x, t, emb)  # warm-up
+        for _ in range(repeats):
+            spent[0] = 0.0
+            begin = time.perf_counter()
+            unet(x, t, emb)
+            shares.append(spent[0] / (time.perf_counter() - begin))
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(shares)
+
+
+SD15_TARGET = 1.36
+"""Issue 19: CFG+PAG(mid) costs at most this many times CFG 7.5, through ``pagkit.sample`` and ``pagkit.attach``."""
+
+# (what, CFG+PAG(mid) row, its CFG 7.5 row on the same loop, PAG(mid) row, its no-guidance row on the same loop)
+_SAME_LOOP = (
+    ("pagkit.attach (diffusers' StableDiffusionPipeline loop)", "CFG+PAG(mid) pagkit.attach", "CFG 7.5 (diffusers)",
+     "PAG(mid) pagkit.attach", "no guidance (diffusers)"),
+    ("pagkit.sample (its own loop)", "CFG+PAG(mid) pagkit", "CFG 7.5 pagkit", "PAG(mid) pagkit",
+     "no guidance pagkit"),
+    ("diffusers' StableDiffusionPAGPipeline", "CFG+PAG(mid) diffusers", "CFG 7.5 (diffusers)", "PAG(mid) diffusers",
+     "no guidance (diffusers)"),
+)
+
+
+def sd15_reading(results: dict[str, Result], target: float = SD15_TARGET, share: float | None = None) -> str:
+    """The sd15 table's ratios read on one sampling loop each, against the target.
+
+    The table's ÷ columns divide every row by diffusers' pipeline; ``pagkit.sample`` runs its own loop, so its
+    rows are read here against its own CFG and unguided rows, and attach's (which runs inside the pipeline)
+    against the pipeline's. Rows missing from ``results`` are left out. ``share`` (``prefix_share``): the prefix's
+    share of a forward; with it, the exact-result limit of prefix sharing in this run: the third row costs what
+    the no-sharing row says it costs, on the stages after the prefix only."""
+    def ratio(a, b):
+        return results[a].median / results[b].median if a in results and b in results else None
+
+    lines = [f"Target (issue 19): CFG+PAG(mid) ≤ {target:.2f}× CFG 7.5 on the same sampling loop "
+             "(the ÷ columns above divide every row by diffusers' pipeline):"]
+    for what, guided, cfg, pag, plain in _SAME_LOOP:
+        r, p = ratio(guided, cfg), ratio(pag, plain)
+        if r is None:
+            continue
+        verdict = "within" if r <= target else "over"
+        pag_text = f"; PAG(mid) ÷ {plain} = {p:.2f}" if p is not None else ""
+        lines.append(f"- {what}: {guided} ÷ {cfg} = {r:.2f} ({verdict}){pag_text}")
+    wrapper = ratio("CFG 7.5 pagkit.attach, no terms", "CFG 7.5 (diffusers)")
+    if wrapper is not None:
+        lines.append("- attach's wrapper alone: CFG 7.5 pagkit.attach, no terms ÷ CFG 7.5 (diffusers) = "
+                     f"{wrapper:.2f}")
+    third = ratio("CFG+PAG(mid) pagkit, no sharing", "CFG 7.5 pagkit")
+    if share is not None and third is not None:
+        limit = 1 + (third - 1) * (1 - share)
+        lines.append("- exact-result limit of prefix sharing: 1 + (CFG+PAG(mid) pagkit, no sharing ÷ CFG 7.5 "
+                     f"pagkit − 1) × (1 − {share:.2f}) = {limit:.2f}, {share:.2f} the prefix's (conv_in, down "
+                     "blocks) timed share of a forward")
+    loops = ratio("CFG 7.5 pagkit", "CFG 7.5 (diffusers)")
+    if loops is not None:
+        lines.append(f"- the two loops: CFG 7.5 pagkit ÷ CFG 7.5 (diffusers) = {loops:.2f} (the same UNet batch)")
+    return "\n".join(lines)
 
 
 def demo_configs(model, steps: int, batch: int = 1, layers: str = "mid", frontier: dict[str, list] | None = None

@@ -84,7 +84,15 @@ class GuidedDenoiser:
         if len(folding) > 1:
             raise ValueError(f"{len(folding)} terms fold into CFG's unconditional branch; at most one may "
                              f"({', '.join(type(m.term).__name__ for m in folding)})")
+        self._sites = None  # the model's sites by name, read at the first routed call (see ``_routed``)
         self.reset()
+
+    def _routed(self, layer_names):
+        """``routed`` with the model's sites read once: the terms were bound to them at construction, and
+        finding them walks every module of the model (milliseconds each step)."""
+        if self._sites is None:
+            self._sites = {s.name: s for s in self.backend.sites(self.model) + self.backend.cross_sites(self.model)}
+        return routed(self.model, layer_names, self.backend, sites=self._sites)
 
     def reset(self) -> None:
         """Start a new sampling run: the rules forget their state (APG's momentum), the step index restarts."""
@@ -119,7 +127,7 @@ class GuidedDenoiser:
         if not patches:
             yield
             return
-        with routed(self.model, sorted(patches), self.backend) as router:
+        with self._routed(sorted(patches)) as router:
             router.info = self.backend.forward_info(self.model, x, inputs)
             router.batch = x.shape[0]
             router.plan = [Segment(0, x.shape[0], patches)]
@@ -222,7 +230,7 @@ class GuidedDenoiser:
         layer_names = sorted({name for br in branches for name in br.patches} | set(captures))
         self.backend.check_step(self.model, cond, [m.term for m in active],
                                 {name: p for br in branches for name, p in br.patches.items()}, captures)
-        with routed(self.model, layer_names, self.backend) as router:
+        with self._routed(layer_names) as router:
             router.info = self.backend.forward_info(self.model, x, cond)
             router.batch = x_batch.shape[0]
             router.plan = [Segment(i * b, (i + 1) * b, br.patches,

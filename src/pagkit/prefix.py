@@ -61,6 +61,26 @@ def _map_tensors(value, fn, shared: frozenset, name: str | None = None):
     return value
 
 
+_class_forward_names: dict = {}  # a class's forward function -> its positional parameters after self
+
+
+def _positional_names(forward) -> list[str]:
+    """The names of ``forward``'s positional parameters ([] where it has no signature to read). A stage's forward
+    is mostly its class's method: its names are kept per function, since reading a signature is slow (each step
+    opens ``shared_prefix`` anew); any other callable (a wrapper of someone's) is read each time."""
+    func = getattr(forward, "__func__", None) if inspect.ismethod(forward) else None
+    if func is not None and func in _class_forward_names:
+        return _class_forward_names[func]
+    try:
+        names = [p.name for p in inspect.signature(forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # no signature to read: positional arguments go unnamed
+        names = []
+    if func is not None and inspect.isfunction(func):
+        _class_forward_names[func] = names
+    return names
+
+
 @contextmanager
 def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, source_rows: list[int]
                   ) -> Iterator[None]:
@@ -74,7 +94,6 @@ def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, so
     """
     backend = detect(model)
     shared = backend.shared_inputs
-    modules = dict(model.named_modules())
     index = torch.tensor(source_rows, dtype=torch.long)
     batch = len(source_rows)
 
@@ -108,14 +127,10 @@ def shared_prefix(model: nn.Module, stage_names: list[str], shared_rows: int, so
     patched = []
     try:
         for name in stage_names:
-            module = modules[name]
+            module = model.get_submodule(name)  # not dict(model.named_modules()): that walks the whole model
             original = module.forward
             # positional arguments keep their names, so a shared input passed positionally is not sliced
-            try:
-                names = [p.name for p in inspect.signature(original).parameters.values()
-                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            except (TypeError, ValueError):  # no signature to read: positional arguments go unnamed
-                names = []
+            names = _positional_names(original)
 
             def forward(*args, __original=original, __names=names, __stage=name, **kwargs):
                 args = tuple(take(__stage, a, __names[i] if i < len(__names) else None) for i, a in enumerate(args))

@@ -380,10 +380,15 @@ class _AttentionSeam(TorchFunctionMode):
 
 
 @contextmanager
-def routed(model: nn.Module, site_names: list[str], backend: Backend | None = None) -> Iterator[Router]:
-    """Route the named sites (and blocks, for ``SKIP``) of ``model`` through a Router; always restore on exit."""
+def routed(model: nn.Module, site_names: list[str], backend: Backend | None = None,
+           sites: dict[str, Site] | None = None) -> Iterator[Router]:
+    """Route the named sites (and blocks, for ``SKIP``) of ``model`` through a Router; always restore on exit.
+
+    ``sites``: the backend's sites and cross sites of ``model`` by name, if the caller keeps them (a
+    ``GuidedDenoiser`` reads them once: finding them walks every module of the model, milliseconds a step)."""
     backend = backend or detect(model)
-    sites = {s.name: s for s in backend.sites(model) + backend.cross_sites(model)}
+    if sites is None:
+        sites = {s.name: s for s in backend.sites(model) + backend.cross_sites(model)}
     unknown = [n for n in site_names if n not in sites]
     if unknown:
         blocks = set(backend.skip_blocks(model) or ()) | set(backend.token_blocks(model) or ())
@@ -391,11 +396,10 @@ def routed(model: nn.Module, site_names: list[str], backend: Backend | None = No
     if unknown:
         raise ValueError(f"not perturbable sites of {type(model).__name__}: {unknown}")
     router = Router(model=model, backend=backend, sites=sites)
-    modules = dict(model.named_modules())
     patched = []
     try:
         for name in site_names:
-            module = modules[name]
+            module = model.get_submodule(name)  # not dict(model.named_modules()): that walks the whole model
             if getattr(module.forward, "_pagkit_routed", False):
                 raise RuntimeError(f"site {name} is already routed by pagkit; nested guidance on one model "
                                    "is not supported")

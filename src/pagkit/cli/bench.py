@@ -42,9 +42,11 @@ def run(args) -> None:
     if args.model in ("sd15", "both", "all"):
         print(f"SD1.5-shaped UNet2DConditionModel (64,128,256,256), 32x32 latents, {args.steps} DDIM steps, "
               f"{args.rounds} rounds, {args.threads} thread(s)")
-        results = bench.run_interleaved(bench.sd15_configs(args.steps), args.rounds)
+        unet = bench.sd15_shaped_unet()
+        results = bench.run_interleaved(bench.sd15_configs(args.steps, unet=unet), args.rounds)
         sections.append(bench.report("SD1.5-shaped UNet, 32×32 latents", results,
                                      ["CFG 7.5 (diffusers)", "no guidance (diffusers)"]))
+        sections.append(bench.sd15_reading(results, share=bench.prefix_share(unet)))
         machine.append(bench.json_section("SD1.5-shaped UNet, 32×32 latents", "sd15-shaped", results,
                                           "no guidance (diffusers)"))
     for name in ("flux", "wan"):  # PAG by depth on a random-weight transformer, beside the limit (n - d)/n
