@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--first", default="",
                         help="comma-separated parts of configuration keys to make first, in that order "
                              "(e.g. pag_s1_Lmid_,seg_s1_Lmid_)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated parts of configuration keys: make only the configurations with one")
     parser.add_argument("--last", default="",
                         help="comma-separated parts of configuration keys to make last (e.g. autoguidance, whose "
                              "weak model may not be exported yet)")
@@ -43,6 +45,8 @@ def main() -> None:
         sweep = Sweep(ROOT / out, configs, progress=False)
         jobs += [(sweep, config) for config in configs]
     jobs = jobs[::-1] if args.reverse else jobs
+    only = [part for part in args.only.split(",") if part]
+    jobs = [job for job in jobs if not only or any(part in job[1].key for part in only)]
     firsts = [part for part in args.first.split(",") if part]
     rank = {id(c): next((i for i, part in enumerate(firsts) if part in c.key), len(firsts)) for _, c in jobs}
     lasts = [part for part in args.last.split(",") if part]

@@ -79,3 +79,14 @@ def test_shipped_presets_are_tunes_of_their_model_and_load_by_name():
     with pytest.raises(FileNotFoundError, match=r"no shipped preset of that name \(shipped: fmnist:pag"):
         pagkit.load_preset("fmnist:nope")
 
+
+
+def test_results_table_1_reports_the_shipped_presets():
+    """docs/make_results.py writes the tuned settings literally (so re-tuning cannot orphan table 1's rows); they
+    must be what the shipped presets hold."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
+    import make_results
+    pag, = pagkit.load_preset("fmnist:pag")
+    assert (pag.layers, pag.scale) == ([make_results.TUNED_PAG[0]], float(make_results.TUNED_PAG[1]))
