@@ -61,6 +61,7 @@ MAP9_SEG = ("up.1.attentions.0", "1")
 # (src/pagkit/models/fmnist/presets): table 1 reports them beside the map's. tests/test_shipped_models.py checks
 # that the shipped presets still hold these.
 TUNED_PAG = ("mid", "0.5")
+TUNED_SEG = ("up.1.attentions.0", "1")  # = MAP9_SEG: the tune chose the map's SEG, whose rows table 1 has
 TABLE1_METHODS = (f"--methods none,pag --scales {BEST_SCALE} --layers {BEST_LAYERS}",
                   f"--methods seg --scales {SEG_SCALE} --layers {SEG_LAYERS} --seg-sigmas inf,2",
                   f"--methods sag --scales {SAG_SCALE} --sag-layers mid",

@@ -88,5 +88,27 @@ def test_results_table_1_reports_the_shipped_presets():
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
     import make_results
-    pag, = pagkit.load_preset("fmnist:pag")
-    assert (pag.layers, pag.scale) == ([make_results.TUNED_PAG[0]], float(make_results.TUNED_PAG[1]))
+    for method, (layers, scale) in (("pag", make_results.TUNED_PAG), ("seg", make_results.TUNED_SEG)):
+        term, = pagkit.load_preset(f"fmnist:{method}")
+        assert (term.layers, term.scale) == ([layers], float(scale))
+    assert make_results.TUNED_SEG == make_results.MAP9_SEG  # so table 1's SEG rows are the tuned preset's too
+
+
+def test_the_demo_samples_the_shipped_presets_on_fmnist_and_its_strip_on_their_sites(tmp_path, capsys):
+    """./run demo's own arguments (read from the script): fmnist's rows are its presets and the strip runs on the PAG
+    preset's sites; fmnist-cond, for which they were not tuned, keeps its CFG rows."""
+    import shlex
+    from pathlib import Path
+    from pagkit.cli import main
+    run = (Path(__file__).resolve().parents[1] / "run").read_text()
+    line = next(l for l in run.splitlines() if l.strip().startswith("demo)"))
+    argv = shlex.split(line.split("pagkit sample", 1)[1].split('"$@"')[0])
+    assert main(["sample", *argv, "--strip", "0,1", "--steps", "2", "--num-images", "2", "--quiet",
+                 "--out", str(tmp_path / "demo.png")]) == 0
+    printed = [" ".join(l.split()) for l in capsys.readouterr().out.splitlines()]
+    sites = ",".join(pagkit.load_preset("fmnist:pag")[0].layers)
+    for name in (n for n in argv[1::2] if ":" in n):
+        assert any(l.startswith("fmnist |") and f"preset {name}" in l for l in printed), name
+    assert any(l.startswith("fmnist |") and f"strip: PAG s=1 {sites}" in l for l in printed)
+    assert any(l.startswith("fmnist-cond | CFG w=1.5 + PAG") for l in printed)
+    assert not any(l.startswith("fmnist-cond |") and "preset" in l for l in printed)
