@@ -98,7 +98,7 @@ def _rows(args, conditional: bool | None) -> list[tuple[str, list]]:
     if args.guidance or presets:  # the user's rows (pagkit.spec, presets), after the unguided one
         from ..spec import format_spec, label, parse_spec
         rows = [(label(terms), terms) for terms in (parse_spec(text) for text in args.guidance or []) if terms]
-        rows += [(f"{label(terms)}\npreset {name}", terms) for name, terms in presets]
+        rows += [(f"{label(terms)}\npreset {name}".replace(" (", "\n("), terms) for name, terms in presets]
         with_cfg = [terms for _, terms in rows if any(isinstance(t, G.CFG) for t in terms)]
         if with_cfg and conditional is False:
             if args.model:  # the user's one model cannot do it
