@@ -10,7 +10,7 @@ from pagkit.load import load_model, load_scheduler, shipped_models
 
 
 WEAK_MISSING = pytest.mark.skipif("fmnist-weak" not in shipped_models(),
-                                  reason="fmnist-weak is not trained in this copy (see pagkit.load.TO_TRAIN)")
+                                  reason="fmnist-weak is missing from this copy (see pagkit.load.TO_TRAIN)")
 
 
 @pytest.mark.parametrize("name", ["fmnist", "fmnist-cond", pytest.param("fmnist-weak", marks=WEAK_MISSING)])

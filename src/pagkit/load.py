@@ -28,12 +28,13 @@ SCHEDULERS = {
 }
 
 
-# models pagkit ships once they are trained here (their weights are not in every copy): how to make each one
+# shipped models a copy may lack (their weights are made here, not downloaded): how to make each one again
 TO_TRAIN = {
     "fmnist-weak": "the fmnist run's EMA snapshot at 25% of its first budget (step 1500 of --max-steps 6000), the "
-                   "weak model for pagkit.AutoGuidance, not shipped yet; train it with `pagkit train --out "
+                   "weak model for pagkit.AutoGuidance, missing from this copy; make it with `pagkit train --out "
                    "runs/fmnist-weak --max-steps 6000 --stop-at-step 1500` (about 30 min on one core) and give "
-                   "weak_model=runs/fmnist-weak/ema-25pct",
+                   "weak_model=runs/fmnist-weak/ema-25pct, or export it with pagkit.train.export_model(..., "
+                   "snapshot='ema-25pct')",
 }
 
 
