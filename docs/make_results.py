@@ -339,11 +339,14 @@ def _rows(table: dict) -> tuple[list[dict], list[str]]:
     return rows, missing
 
 
-def _describe(c: dict) -> list[str]:
+def _describe(c: dict, options: bool = False) -> list[str]:
+    """A row's configuration cells; ``options``: with the further fields (``--options``, e.g. SoftPAG's strength,
+    a rule) as a column of their own, for tables that have rows differing in them only."""
     sigma = c["sigma"]
+    extra = [", ".join(f"{k}={v}" for k, v in (c.get("options") or {}).items()) or "—"] if options else []
     return [Path(c["model"]).name, c["method"], f"{c['cfg_scale']:g}", f"{c['scale']:g}",
             "+".join(c["layers"]) or "—", c["perturbation"] if "pag" in c["method"] else "—",
-            str(sigma) if c["method"] == "seg" else "—", f"{c['start']:g}–{c['stop']:g}",
+            str(sigma) if c["method"] == "seg" else "—", *extra, f"{c['start']:g}–{c['stop']:g}",
             f"{c['scheduler']}-{c['steps']}", str(c["num_samples"])]
 
 
@@ -356,14 +359,16 @@ METRICS = [("fd", "FD ↓", 3), ("kid", "KID ↓", 4), ("fd_b", "FD (b) ↓", 3)
 
 
 def _table_lines(rows: list[dict], aggregate: bool) -> list[str]:
-    header = HEADER + (["seeds"] if not aggregate else ["seed sets"]) + [m[1] for m in METRICS]
+    options = any(r["config"].get("options") for r in rows)  # a column only where some row has them
+    header = HEADER[:7] + (["options"] if options else []) + HEADER[7:]
+    header += (["seeds"] if not aggregate else ["seed sets"]) + [m[1] for m in METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = tuple(_describe(r["config"])) if aggregate else (r["key"],)
+        key = tuple(_describe(r["config"], options=True)) if aggregate else (r["key"],)
         groups.setdefault(key, []).append(r)
     for group in groups.values():
-        cells = _describe(group[0]["config"]) + [",".join(str(r["config"]["seed_set"]) for r in group)]
+        cells = _describe(group[0]["config"], options) + [",".join(str(r["config"]["seed_set"]) for r in group)]
         for name, _, digits in METRICS:
             values = [r["metrics"].get(name) for r in group]
             if None in values:  # made before the second network existed
