@@ -259,18 +259,31 @@ def sd15_reading(results: dict[str, Result], target: float = SD15_TARGET, share:
     return "\n".join(lines)
 
 
+def _shipped_sampler(model, steps: int, batch: int) -> Callable[..., Callable[[], object]]:
+    """``ours(terms, share=True)``: a run of ``steps`` DDIM steps of ``pagkit.sample`` on a shipped-style UNet from
+    one fixed noise; on a class-conditional model with classes 0, 1, ... as eval cycles them, CFG's ∅ the null
+    class."""
+    from diffusers import DDIMScheduler
+
+    from .defaults import NULL_CLASS
+    scheduler = DDIMScheduler()
+    size = model.config.sample_size
+    latents = torch.randn(batch, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    conditional = bool(model.config.get("num_class_embeds"))
+    labels = torch.arange(batch) % NULL_CLASS if conditional else None
+
+    def ours(terms, share=True):
+        return lambda: sample(model, scheduler, batch_size=batch, num_inference_steps=steps, guidance=terms,
+                              latents=latents, class_labels=labels, null_class_label=NULL_CLASS if conditional
+                              else None, progress_bar=False, prefix_sharing=share)
+    return ours
+
+
 def demo_configs(model, steps: int, batch: int = 1, layers: str = "mid", frontier: dict[str, list] | None = None
                  ) -> dict[str, Callable[[], None]]:
     """No guidance and PAG on ``layers`` with and without prefix sharing; with ``frontier`` (name → terms, e.g.
     ``frontier_terms()[0]``) also one row per frontier variant, interleaved with the others."""
-    from diffusers import DDIMScheduler
-    scheduler = DDIMScheduler()
-    size = model.config.sample_size
-    latents = torch.randn(batch, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-
-    def ours(terms, share=True):
-        return lambda: sample(model, scheduler, batch_size=batch, num_inference_steps=steps, guidance=terms,
-                              latents=latents, progress_bar=False, prefix_sharing=share)
+    ours = _shipped_sampler(model, steps, batch)
     configs = {
         "no guidance": ours([]),
         f"PAG({layers}) pagkit, no sharing": ours([G.PAG(3.0, layers=layers)], share=False),
@@ -458,17 +471,7 @@ def frontier_cond_configs(model, steps: int, batch: int = 1, terms: dict[str, li
                           ) -> dict[str, Callable[[], object]]:
     """The conditional frontier rows (``frontier_terms()[1]``) on a class-conditional model: classes 0, 1, ... as
     eval cycles them, CFG's ∅ the null class; each runs ``steps`` DDIM steps from the same noise."""
-    from diffusers import DDIMScheduler
-
-    from .defaults import NULL_CLASS
-    scheduler = DDIMScheduler()
-    size = model.config.sample_size
-    latents = torch.randn(batch, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(batch) % NULL_CLASS
-
-    def ours(guidance):
-        return lambda: sample(model, scheduler, batch_size=batch, num_inference_steps=steps, guidance=guidance,
-                              latents=latents, class_labels=labels, null_class_label=NULL_CLASS, progress_bar=False)
+    ours = _shipped_sampler(model, steps, batch)
     return {name: ours(t) for name, t in (terms if terms is not None else frontier_terms()[1]).items()}
 
 
